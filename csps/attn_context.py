@@ -1,0 +1,114 @@
+"""Attention over the paged KV cache for one step's packed batch on one rank.
+
+Built once per step from the rank's ``SeqWork`` list, then called by every layer as
+``attn(layer, q, k, v) -> out``: it writes the new K/V into the cache (slot mapping), runs the
+batched fp32 decode attention for one-token sequences and the chunked-prefill attention (chunk on
+top of cached KV) for the others. Every call returns only ``out``; ``partial`` exposes
+``(out, lse)`` for the sequence-parallel wrappers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from csps.kernels import attention, decode_attention
+from csps.kernels.paged import gather_kv, gather_kv_padded, write_kv
+from csps.plan import SeqWork, ranges_to_list
+
+
+class KVCacheTensors:
+    """One rank's KV cache: per layer k/v [num_blocks, block_size, Hkv_local, D] (zero-filled)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype) -> None:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.bytes = 2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * self.k[0].element_size()
+
+
+def slots_for(seq: SeqWork, block_size: int) -> list[int]:
+    out = []
+    for i in range(seq.num_kv_before, seq.num_kv):
+        out.append(seq.block_ids[i // block_size] * block_size + i % block_size)
+    return out
+
+
+@dataclass
+class _Prefill:
+    rows: slice
+    block_ids: torch.Tensor
+    num_kv: int
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    fresh: bool  # no cached KV before this step: attend to the new k/v directly
+
+
+class LocalAttention:
+    def __init__(self, seqs: list[SeqWork], cache: KVCacheTensors, scale: float,
+                 sliding_window: int | None = None, kv_head_map: list[int] | None = None) -> None:
+        self.cache = cache
+        self.scale = scale
+        self.window = sliding_window
+        # kv_head_map: for TP ranks whose query heads map unevenly onto local KV heads
+        self.kv_head_map = torch.tensor(kv_head_map) if kv_head_map is not None else None
+        bs = cache.block_size
+        slots: list[int] = []
+        decode_rows, tables, lens = [], [], []
+        self.prefills: list[_Prefill] = []
+        row = 0
+        for s in seqs:
+            slots.extend(slots_for(s, bs))
+            n = s.num_tokens
+            if s.is_decode and s.kv_pos is None:
+                decode_rows.append(row)
+                tables.append(s.block_ids[: -(-s.num_kv // bs)])
+                lens.append(s.num_kv)
+            else:
+                q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
+                k_pos = (torch.arange(s.num_kv) if s.kv_pos is None
+                         else torch.tensor(ranges_to_list(s.kv_pos), dtype=torch.int64))
+                self.prefills.append(_Prefill(
+                    rows=slice(row, row + n), block_ids=torch.tensor(s.block_ids, dtype=torch.int64),
+                    num_kv=s.num_kv, q_pos=q_pos, k_pos=k_pos, fresh=s.num_kv_before == 0))
+            row += n
+        self.num_rows = row
+        self.slots = torch.tensor(slots, dtype=torch.int64)
+        self.decode_rows = torch.tensor(decode_rows, dtype=torch.int64)
+        self.decode_lens = torch.tensor(lens, dtype=torch.int64)
+        width = max((len(t) for t in tables), default=0)
+        self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+
+    def _expand(self, k: torch.Tensor) -> torch.Tensor:
+        # k: [..., Hkv_l, D] -> [..., Hq_l, D] when local query heads do not group evenly
+        return k if self.kv_head_map is None else k.index_select(-2, self.kv_head_map)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.slots.numel():
+            write_kv(self.cache.k[layer], self.cache.v[layer], k, v, self.slots)
+
+    def prefill_kv(self, layer: int, p: _Prefill, k: torch.Tensor, v: torch.Tensor):
+        """K/V of one prefill sequence on this rank: [num_kv, Hkv_l, D] each."""
+        if p.fresh:
+            return k[p.rows], v[p.rows]
+        return gather_kv(self.cache.k[layer], self.cache.v[layer], p.block_ids, p.num_kv)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, Hq_l, D], k/v: [T, Hkv_l, D] -> out [T, Hq_l, D]
+        self.write(layer, k, v)
+        out = torch.empty_like(q)
+        if self.decode_rows.numel():
+            kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
+            o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
+                                    self.decode_lens, self.scale, self.window)
+            out[self.decode_rows] = o
+        for p in self.prefills:
+            kk, vv = self.prefill_kv(layer, p, k, v)
+            o, _ = attention(q[p.rows], self._expand(kk), self._expand(vv), p.q_pos, p.k_pos,
+                             self.scale, self.window)
+            out[p.rows] = o
+        return out

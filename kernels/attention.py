@@ -1,0 +1,148 @@
+"""Fast attention on one device, returning ``(out, lse)`` with an fp32 log-sum-exp.
+
+CPU path: torch's fused flash attention for CPU, which returns the LSE. Its ``is_causal`` mask is
+top-left aligned, which is wrong for a chunk on top of cached KV (docs/platform.md), so the keys
+are split by position into
+  * keys every query sees (position below every query position): no mask at all;
+  * keys whose positions equal the query positions (the chunk's own tokens): ``is_causal``;
+  * anything else (zigzag shards, sliding windows): an additive 0/-inf mask, in blocks;
+and the parts are merged exactly by LSE. ``attention_ref`` in ``attention_ref.py`` is the oracle.
+
+Decode (one query per sequence over a paged cache) runs batched in fp32: on this CPU, bf16
+attention for a single query is ~6x slower than fp32 (docs/platform.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from csps.kernels.attention_ref import visibility_mask
+from csps.kernels.merge import merge_many
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+MAX_MASK_ELEMS = 1 << 24  # keys are processed in blocks so a dense mask stays under ~64 MB
+
+
+def _select(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x[keep], as a view when ``keep`` is one contiguous run (the common case)."""
+    idx = keep.nonzero().flatten()
+    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
+        return x[int(idx[0]) : int(idx[-1]) + 1]
+    return x[idx]
+
+
+def _flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [Tq, Hq, D], k/v: [Tk, Hkv, D], mask: bool [Tq, Tk] (True = visible) or None
+    attn_mask = None
+    if mask is not None:
+        attn_mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        attn_mask = attn_mask[None, None]
+    out, lse = _flash_cpu(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        dropout_p=0.0,
+        is_causal=causal,
+        attn_mask=attn_mask,
+        scale=scale,
+    )
+    out = out[0].transpose(0, 1)  # [Tq, Hq, D]
+    lse = lse[0].transpose(0, 1).float()  # [Tq, Hq]
+    if mask is not None:
+        # The kernel reports lse = 0 for a row whose keys are all masked: make it -inf.
+        has_key = mask.any(-1)
+        if not bool(has_key.all()):
+            lse = torch.where(has_key[:, None], lse, float("-inf"))
+            out = out * has_key[:, None, None].to(out.dtype)
+    return out, lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries at positions q_pos over keys at positions k_pos.
+
+    q: [Tq, Hq, D], k/v: [Tk, Hkv, D], q_pos: [Tq], k_pos: [Tk] (int64).
+    Returns out [Tq, Hq, D] (q's dtype) and lse [Tq, Hq] (fp32); rows with no visible key get
+    out 0 and lse -inf.
+    """
+    tq, hq, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    if tq == 0 or k.shape[0] == 0:
+        return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"))
+    q_min, q_max = int(q_pos.min()), int(q_pos.max())
+    seen_by_all = k_pos < q_min
+    if sliding_window is not None:
+        seen_by_all &= k_pos > q_max - sliding_window
+    relevant = k_pos <= q_max
+    if sliding_window is not None:
+        relevant &= k_pos > q_min - sliding_window
+    rest = relevant & ~seen_by_all
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if bool(seen_by_all.any()):
+        parts.append(_flash(q, _select(k, seen_by_all), _select(v, seen_by_all), scale))
+    if bool(rest.any()):
+        k_rest, v_rest, pos_rest = _select(k, rest), _select(v, rest), _select(k_pos, rest)
+        aligned = (
+            sliding_window is None
+            and pos_rest.shape == q_pos.shape
+            and q_max - q_min + 1 == tq
+            and bool(torch.equal(pos_rest, q_pos))
+            and bool((q_pos[1:] > q_pos[:-1]).all())
+        )
+        if aligned:  # the chunk's own keys: plain causal
+            parts.append(_flash(q, k_rest, v_rest, scale, causal=True))
+        else:
+            step = max(1, MAX_MASK_ELEMS // tq)
+            for s in range(0, pos_rest.shape[0], step):
+                mask = visibility_mask(q_pos, pos_rest[s : s + step], sliding_window)
+                parts.append(_flash(q, k_rest[s : s + step], v_rest[s : s + step], scale, mask=mask))
+    if not parts:
+        return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"))
+    return merge_many([o for o, _ in parts], [lse for _, lse in parts])
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence over padded per-sequence keys, in fp32.
+
+    q: [B, Hq, D]; k/v: [B, L, Hkv, D] (padded; entries at index >= kv_lens[b] are ignored; the
+    query sits after every key, so with a window only the last ``sliding_window`` keys count).
+    Returns out [B, Hq, D] (q's dtype), lse [B, Hq] fp32 (-inf for a sequence with no keys).
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    qf = q.float().view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    scores = torch.einsum("bhgd,blhd->bhgl", qf, k.float()) * scale  # [B, Hkv, G, L]
+    idx = torch.arange(k.shape[1])
+    valid = idx[None, :] < kv_lens[:, None]  # [B, L]
+    if sliding_window is not None:
+        valid &= idx[None, :] >= kv_lens[:, None] - sliding_window
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
+    has_key = (kv_lens > 0)[:, None, None]
+    safe = torch.where(has_key, lse, 0.0)
+    probs = torch.exp(scores - safe[..., None])
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    lse = torch.where(has_key, lse, float("-inf"))
+    return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)

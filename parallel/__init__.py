@@ -1,0 +1,1 @@
+"""csps.parallel (placeholder in this commit)."""
