@@ -35,7 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2",
                    help="smollm2 (embedded default), a .gguf file, a Hugging Face directory, or dummy:<preset>")
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
     g.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     g.add_argument("--sp-attn", default="ring", choices=["ring", "ulysses"],

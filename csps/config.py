@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from csps.errors import CspsError
 
-DTYPES = ("bfloat16", "float32")
+DTYPES = ("auto", "bfloat16", "float32")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -122,7 +122,7 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "smollm2"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bf16 where the hardware computes it natively, else fp32
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -130,6 +130,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.dtype == "auto":
+            from csps.device import resolve_dtype
+
+            object.__setattr__(self, "dtype", resolve_dtype("auto"))
         _check(self.cache.block_size == self.scheduler.block_size,
                "cache and scheduler block sizes differ")
 

@@ -11,7 +11,7 @@ from csps.sampling_params import SamplingParams
 
 def make_engine_config(
     model: str = "smollm2",
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     token_budget: int = 512,
     max_model_len: int | None = None,
     max_num_seqs: int = 256,
