@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from array import array
+from collections import OrderedDict
+from typing import Callable
 
 
 def block_hash(parent: bytes, token_ids: list[int], extra: bytes = b"") -> bytes:
@@ -121,13 +122,15 @@ class KVCacheManager:
         self.tables.setdefault(req_id, []).extend(new)
         return True
 
-    def find_cached_prefix(self, token_ids: list[int], max_tokens: int, extra: bytes = b"") -> list[int]:
-        """Blocks holding the longest cached prefix of ``token_ids`` (at most ``max_tokens`` tokens)."""
+    def find_cached_prefix(self, block_tokens: Callable[[int], list[int]], max_blocks: int,
+                           extra: bytes = b"") -> list[int]:
+        """Blocks holding the longest cached prefix (at most ``max_blocks``); ``block_tokens(i)``
+        gives the tokens of the request's i-th block on this rank."""
         if not self.pool.enable_prefix_caching:
             return []
-        bs, parent, hits = self.block_size, b"", []
-        for i in range(max_tokens // bs):
-            parent = block_hash(parent, token_ids[i * bs : (i + 1) * bs], extra)
+        parent, hits = b"", []
+        for i in range(max_blocks):
+            parent = block_hash(parent, block_tokens(i), extra)
             b = self.pool.lookup(parent)
             if b is None:
                 break
@@ -145,16 +148,16 @@ class KVCacheManager:
         self.num_lookup_tokens += num_lookup_tokens
         self.num_hit_tokens += num_hit_tokens
 
-    def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed: int, extra: bytes = b"") -> None:
+    def cache_full_blocks(self, req_id: str, block_tokens: Callable[[int], list[int]],
+                          num_computed: int, extra: bytes = b"") -> None:
         """Register every block whose tokens are all computed (call after each step)."""
         if not self.pool.enable_prefix_caching:
             return
         table = self.tables.get(req_id, [])
         hashes = self.hashes.setdefault(req_id, [])
-        bs = self.block_size
-        for i in range(len(hashes), min(num_computed // bs, len(table))):
+        for i in range(len(hashes), min(num_computed // self.block_size, len(table))):
             parent = hashes[-1] if hashes else b""
-            h = block_hash(parent, token_ids[i * bs : (i + 1) * bs], extra)
+            h = block_hash(parent, block_tokens(i), extra)
             hashes.append(h)
             self.pool.register(table[i], h)
 

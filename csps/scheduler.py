@@ -1,24 +1,30 @@
-"""Sarathi-Serve's stall-free batching, as a pure-Python packer (no torch).
+"""Sarathi-Serve's stall-free batching over SP ranks, as a pure-Python packer (no torch).
 
-Each step, within a token budget:
-  1. every running decode (one token each) — decodes are never paused for a prefill;
+Each step, within a token budget *per rank*:
+  1. every running decode (one token each, on the rank that will hold its KV) — decodes are never
+     paused for a prefill;
   2. the next chunk of each partly prefilled prompt;
-  3. new requests (FCFS), while KV blocks are free and the budget is not spent.
-Chunks are multiples of the block size except the one that ends a prompt. KV blocks are
-allocated incrementally, per step. When the pool is full, the most recently admitted running
-request is preempted (its blocks freed; it is recomputed later and produces the same tokens).
+  3. new requests (FCFS), while KV blocks are free and budget is left.
+Chunks are multiples of the block size except the one that ends a prompt. KV blocks are allocated
+incrementally, per step, in each rank's own pool. When a pool is full, the most recently admitted
+request holding blocks there is preempted (freed; recomputed later, producing the same tokens).
 
-``policy="prefill-first"`` is the vLLM/Orca baseline that Sarathi-Serve compares against: whole
-prompts run alone as soon as they arrive and decodes wait for them.
+Placement (``kv_placement``): a short request lives on one rank (the one with the longest cached
+prefix, else the least loaded). A long one (prompt above ``sp_threshold_tokens``, or KV too big
+for one rank) is sequence-parallel: each of its chunks is spread zigzag over all SP ranks, so one
+step's prefill spans every rank while each rank's share stays within its budget.
 
-The output is plain data (``SchedulerOutput``); the engine turns it into a step plan per rank.
+``policy="prefill-first"`` is the vLLM/Orca baseline Sarathi-Serve compares against: whole prompts
+run as soon as they arrive and decodes wait for them.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
+from csps import kv_placement as kp
 from csps.config import SchedulerConfig
 from csps.kv_cache import KVCacheManager
 from csps.request import Request, Status
@@ -27,10 +33,12 @@ from csps.request import Request, Status
 @dataclass(frozen=True)
 class ScheduledChunk:
     req_id: str
-    start: int  # tokens of the request already computed before this step
+    start: int  # tokens of the request computed before this step
     num_tokens: int  # tokens computed in this step
     is_decode: bool
     samples: bool  # the chunk reaches the last known token: the model samples the next one
+    ranks: tuple[int, ...] = (0,)  # SP ranks computing this chunk
+    sp: bool = False  # sequence-parallel request (KV spread over all SP ranks)
 
 
 @dataclass
@@ -38,6 +46,7 @@ class SchedulerOutput:
     step_id: int
     chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes first
     preempted: list[str] = field(default_factory=list)
+    tokens_per_rank: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -57,15 +66,64 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, cfg: SchedulerConfig, kvs: list[KVCacheManager] | KVCacheManager,
+                 sp_threshold_tokens: int | None = None) -> None:
         self.cfg = cfg
-        self.kv = kv
-        self.block_size = kv.block_size
+        self.kvs = [kvs] if isinstance(kvs, KVCacheManager) else list(kvs)
+        self.kv = self.kvs[0]
+        self.num_ranks = len(self.kvs)
+        self.sp_threshold = sp_threshold_tokens
+        self.block_size = self.kv.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.step_id = 0
-        self.watermark_blocks = max(1, kv.pool.num_blocks // 100)
+        self.watermark_blocks = max(1, self.kv.pool.num_blocks // 100)
+
+    # -- placement -------------------------------------------------------------------------
+    def is_sp(self, req: Request) -> bool:
+        return req.sp_degree > 1
+
+    def ranks_of(self, req: Request) -> range | tuple[int, ...]:
+        return range(self.num_ranks) if self.is_sp(req) else (req.owner_rank,)
+
+    def local_count(self, req: Request, rank: int, upto: int) -> int:
+        """Tokens of positions < upto that ``rank`` holds for ``req``."""
+        if self.is_sp(req):
+            return kp.count_before(upto, rank, self.num_ranks, self.block_size)
+        return upto if rank == req.owner_rank else 0
+
+    def shares(self, req: Request, start: int, end: int) -> list[int]:
+        if self.is_sp(req):
+            return kp.shares(start, end, self.num_ranks, self.block_size)
+        out = [0] * self.num_ranks
+        out[req.owner_rank] = end - start
+        return out
+
+    def decode_rank(self, req: Request) -> int:
+        """The rank computing (and holding the KV of) the request's next token."""
+        if self.is_sp(req):
+            return kp.rank_of(req.num_computed_tokens, self.num_ranks, self.block_size)
+        return req.owner_rank
+
+    def block_tokens(self, req: Request, rank: int) -> Callable[[int], list[int]]:
+        bs, tokens = self.block_size, req.all_token_ids
+        if not self.is_sp(req):
+            return lambda i: tokens[i * bs : (i + 1) * bs]
+        p = self.num_ranks
+        return lambda i: [tokens[kp.local_to_pos(j, rank, p, bs)] for j in range(i * bs, (i + 1) * bs)]
+
+    def placement_key(self, req: Request, rank: int) -> bytes:
+        return kp.placement_key(rank, self.num_ranks) if self.is_sp(req) else b""
+
+    def _place(self, req: Request) -> None:
+        """Decide SP vs single rank once, on first admission."""
+        if self.num_ranks == 1 or req.sp_degree > 1:
+            return
+        need = min(req.num_prompt_tokens + req.params.max_tokens, self.cfg.max_model_len)
+        too_big = -(-need // self.block_size) > self.kv.pool.num_blocks - 1
+        if (self.sp_threshold is not None and req.num_prompt_tokens > self.sp_threshold) or too_big:
+            req.sp_degree = self.num_ranks
 
     # -- queue management ------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -73,7 +131,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def finish(self, req_id: str, status: Status) -> Request | None:
-        """Remove a request (finished or aborted) and free its blocks at once."""
+        """Remove a request (finished or aborted) and free its blocks on every rank at once."""
         req = self.requests.pop(req_id, None)
         if req is None:
             return None
@@ -82,141 +140,189 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
-        self.kv.free(req_id)
+        for kv in self.kvs:
+            kv.free(req_id)
         return req
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    # -- the packer ------------------------------------------------------------------------
-    def _chunk_size(self, remaining: int, budget: int) -> int:
-        """Tokens to take from a prompt: all that is left if it fits, else a block multiple."""
-        if remaining <= budget:
+    # -- helpers ---------------------------------------------------------------------------
+    def _chunk_size(self, req: Request, start: int, remaining: int, budgets: list[int]) -> int:
+        """Largest chunk (all of ``remaining``, else a block multiple) whose shares fit the budgets."""
+        bs = self.block_size
+        if not self.is_sp(req):
+            b = budgets[req.owner_rank]
+            return remaining if remaining <= b else b - b % bs
+        if all(s <= b for s, b in zip(self.shares(req, start, start + remaining), budgets)):
             return remaining
-        return budget - budget % self.block_size
+        n = min(remaining, self.num_ranks * min(budgets))
+        n -= n % bs
+        while n > 0 and any(s > b for s, b in zip(self.shares(req, start, start + n), budgets)):
+            n -= bs
+        return n
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         self.running.remove(victim)
-        self.kv.free(victim.req_id)
+        for kv in self.kvs:
+            kv.free(victim.req_id)
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
         victim.status = Status.WAITING
         self.waiting.appendleft(victim)
         out.preempted.append(victim.req_id)
 
-    def _allocate_or_preempt(self, req: Request, num_tokens: int, scheduled: set[str],
+    def _allocate_or_preempt(self, req: Request, upto: int, scheduled: set[str],
                              out: SchedulerOutput) -> bool:
-        """Allocate blocks for ``req``, preempting not-yet-scheduled requests from the tail."""
-        while not self.kv.allocate_slots(req.req_id, num_tokens):
-            victims = [r for r in self.running if r.req_id not in scheduled]
+        """Grow ``req``'s tables to ``upto`` tokens, preempting unscheduled requests from the tail."""
+        while True:
+            lacking = [r for r in self.ranks_of(req)
+                       if not self.kvs[r].can_allocate(req.req_id, self.local_count(req, r, upto))]
+            if not lacking:
+                for r in self.ranks_of(req):
+                    ok = self.kvs[r].allocate_slots(req.req_id, self.local_count(req, r, upto))
+                    assert ok
+                return True
+            victims = [x for x in self.running if x.req_id not in scheduled
+                       and any(x.req_id in self.kvs[r].tables for r in lacking)]
             if not victims:
                 return False
             victim = victims[-1]
             self._preempt(victim, out)
             if victim is req:
                 return False
-        return True
 
+    def _emit(self, out: SchedulerOutput, req: Request, n: int, scheduled: set[str],
+              budgets: list[int], ranks: tuple[int, ...]) -> None:
+        start = req.num_computed_tokens
+        out.chunks.append(ScheduledChunk(
+            req_id=req.req_id, start=start, num_tokens=n, is_decode=req.is_decode,
+            samples=start + n == req.num_tokens, ranks=ranks, sp=self.is_sp(req)))
+        scheduled.add(req.req_id)
+        for r, s in enumerate(self.shares(req, start, start + n)):
+            budgets[r] -= s
+            out.tokens_per_rank[r] += s
+
+    # -- the packer ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.step_id += 1
-        out = SchedulerOutput(step_id=self.step_id)
+        out = SchedulerOutput(step_id=self.step_id, tokens_per_rank=[0] * self.num_ranks)
         if self.cfg.policy == "prefill-first":
             self._schedule_prefill_first(out)
         else:
             self._schedule_stall_free(out)
+        out.chunks.sort(key=lambda c: not c.is_decode)  # decodes first in the plan
         return out
 
-    def _emit(self, out: SchedulerOutput, req: Request, n: int, scheduled: set[str]) -> None:
-        start = req.num_computed_tokens
-        out.chunks.append(ScheduledChunk(
-            req_id=req.req_id, start=start, num_tokens=n, is_decode=req.is_decode,
-            samples=start + n == req.num_tokens,
-        ))
-        scheduled.add(req.req_id)
-
-    def _schedule_stall_free(self, out: SchedulerOutput) -> None:
-        budget = self.cfg.token_budget
-        scheduled: set[str] = set()
-        # 1. every running decode
+    def _schedule_decodes(self, out: SchedulerOutput, budgets: list[int], scheduled: set[str]) -> None:
         for req in list(self.running):
-            if budget == 0:
-                break
             if req not in self.running or not req.is_decode:
                 continue
+            r = self.decode_rank(req)
+            if budgets[r] <= 0:
+                continue
             if self._allocate_or_preempt(req, req.num_computed_tokens + 1, scheduled, out):
-                self._emit(out, req, 1, scheduled)
-                budget -= 1
-        # 2. the next chunk of partly prefilled prompts
-        for req in list(self.running):
+                self._emit(out, req, 1, scheduled, budgets, (r,))
+
+    def _schedule_stall_free(self, out: SchedulerOutput) -> None:
+        budgets = [self.cfg.token_budget] * self.num_ranks
+        scheduled: set[str] = set()
+        self._schedule_decodes(out, budgets, scheduled)  # 1. every running decode
+        for req in list(self.running):  # 2. the next chunk of partly prefilled prompts
             if req not in self.running or req.req_id in scheduled or req.is_decode:
                 continue
-            n = self._chunk_size(req.num_missing_tokens, budget)
-            if n == 0:
-                break
-            if self._allocate_or_preempt(req, req.num_computed_tokens + n, scheduled, out):
-                self._emit(out, req, n, scheduled)
-                budget -= n
-        # 3. new requests, first come first served (none after a preemption: memory is tight)
-        if not out.preempted:
-            self._admit(out, budget, scheduled, whole_prompts=False)
-        # decodes first in the plan
-        out.chunks.sort(key=lambda c: not c.is_decode)
+            n = self._chunk_size(req, req.num_computed_tokens, req.num_missing_tokens, budgets)
+            if n > 0 and self._allocate_or_preempt(req, req.num_computed_tokens + n, scheduled, out):
+                self._emit(out, req, n, scheduled, budgets, tuple(self.ranks_of(req)))
+        if not out.preempted:  # 3. new requests (none after a preemption: memory is tight)
+            self._admit(out, budgets, scheduled, whole_prompts=False)
 
-    def _admit(self, out: SchedulerOutput, budget: int, scheduled: set[str], whole_prompts: bool) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+    def _schedule_prefill_first(self, out: SchedulerOutput) -> None:
+        """Baseline: whole prompts alone as soon as they arrive; decodes only in steps without one."""
+        scheduled: set[str] = set()
+        budgets = [max(self.cfg.token_budget, self.cfg.max_model_len)] * self.num_ranks
+        for req in list(self.running):  # prompts being recomputed after a preemption
+            if req in self.running and not req.is_decode:
+                if self._allocate_or_preempt(req, req.num_tokens, scheduled, out):
+                    self._emit(out, req, req.num_missing_tokens, scheduled, budgets, tuple(self.ranks_of(req)))
+        if not out.preempted:
+            self._admit(out, budgets, scheduled, whole_prompts=True)
+        if not out.chunks:
+            self._schedule_decodes(out, [self.cfg.token_budget] * self.num_ranks, scheduled)
+
+    def _prefix_hits(self, req: Request) -> tuple[dict[int, list[int]], int]:
+        """Cached blocks to adopt per rank and the number of prompt tokens they cover."""
+        bs, limit = self.block_size, req.num_tokens - 1  # at least one token must be computed
+        if not self.is_sp(req):
+            found = {r: self.kvs[r].find_cached_prefix(self.block_tokens(req, r), limit // bs)
+                     for r in range(self.num_ranks)}
+            # the longest cached prefix wins, then the emptiest pool
+            r = max(found, key=lambda r: (len(found[r]), self.kvs[r].pool.num_free, -r))
+            req.owner_rank = r
+            return {r: found[r]}, len(found[r]) * bs
+        p, stripe = self.num_ranks, 2 * self.num_ranks * bs
+        per_rank = {r: self.kvs[r].find_cached_prefix(
+            self.block_tokens(req, r), kp.count_before(limit, r, p, bs) // bs, self.placement_key(req, r))
+            for r in range(p)}
+        # the hit must cover whole stripes so every rank's share ends on a block boundary
+        num_hit = min(min(len(h) for h in per_rank.values()) * bs * p, limit)
+        num_hit -= num_hit % stripe
+        return {r: h[: num_hit // p // bs] for r, h in per_rank.items()}, num_hit
+
+    def _admit(self, out: SchedulerOutput, budgets: list[int], scheduled: set[str], whole_prompts: bool) -> None:
+        while self.waiting and len(self.running) < self.cfg.max_num_seqs and max(budgets) > 0:
             req = self.waiting[0]
-            tokens = req.all_token_ids
-            # prefix cache: at least one token must be computed to produce logits
-            hit_blocks = self.kv.find_cached_prefix(tokens, req.num_tokens - 1)
-            num_hit = len(hit_blocks) * self.block_size
+            self._place(req)
+            if not self.is_sp(req):  # choose the owner among ranks with budget left
+                hits, num_hit = self._prefix_hits(req)
+                if budgets[req.owner_rank] <= 0:
+                    req.owner_rank = max((r for r in range(self.num_ranks) if budgets[r] > 0),
+                                         key=lambda r: (self.kvs[r].pool.num_free, -r))
+                    hits, num_hit = {req.owner_rank: []}, 0
+            else:
+                hits, num_hit = self._prefix_hits(req)
             remaining = req.num_tokens - num_hit
-            n = remaining if whole_prompts else self._chunk_size(remaining, budget)
-            if n == 0 or (whole_prompts and n > budget and out.chunks):
+            n = remaining if whole_prompts else self._chunk_size(req, num_hit, remaining, budgets)
+            if n == 0 or (whole_prompts and out.chunks and
+                          any(s > b for s, b in zip(self.shares(req, num_hit, num_hit + n), budgets))):
                 break
-            need = -(-(num_hit + n) // self.block_size) - len(hit_blocks)
-            free_after_hits = self.kv.pool.num_free - sum(
-                1 for b in hit_blocks if self.kv.pool.ref_counts[b] == 0)
-            if need + self.watermark_blocks > free_after_hits:
+            fits = True
+            for r in self.ranks_of(req):
+                kv, adopt = self.kvs[r], hits.get(r, [])
+                need = -(-self.local_count(req, r, num_hit + n) // self.block_size) - len(adopt)
+                free = kv.pool.num_free - sum(1 for b in adopt if kv.pool.ref_counts[b] == 0)
+                fits &= need + self.watermark_blocks <= free
+            if not fits:
                 break
             self.waiting.popleft()
-            self.kv.adopt_prefix(req.req_id, hit_blocks)
-            ok = self.kv.allocate_slots(req.req_id, num_hit + n)
-            assert ok, "allocation checked above"
+            for r in self.ranks_of(req):
+                self.kvs[r].adopt_prefix(req.req_id, hits.get(r, []))
+                ok = self.kvs[r].allocate_slots(req.req_id, self.local_count(req, r, num_hit + n))
+                assert ok, "allocation checked above"
             if req.num_preemptions == 0:
-                self.kv.record_lookup(req.num_tokens, num_hit)
+                self.kvs[req.owner_rank if not self.is_sp(req) else 0].record_lookup(req.num_tokens, num_hit)
                 req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
             req.status = Status.RUNNING
             self.running.append(req)
-            self._emit(out, req, n, scheduled)
-            budget -= n
-        return budget
-
-    def _schedule_prefill_first(self, out: SchedulerOutput) -> None:
-        """Baseline: admit whole prompts alone; decodes only in steps without a new prompt."""
-        scheduled: set[str] = set()
-        budget = max(self.cfg.token_budget, self.cfg.max_model_len)
-        for req in list(self.running):  # prompts being recomputed after a preemption
-            if req not in self.running or req.is_decode:
-                continue
-            if self._allocate_or_preempt(req, req.num_tokens, scheduled, out):
-                self._emit(out, req, req.num_missing_tokens, scheduled)
-        if not out.preempted:
-            self._admit(out, budget - out.num_tokens, scheduled, whole_prompts=True)
-        if out.chunks:
-            return
-        for req in list(self.running):
-            if req in self.running and req.is_decode:
-                if self._allocate_or_preempt(req, req.num_computed_tokens + 1, scheduled, out):
-                    self._emit(out, req, 1, scheduled)
+            self._emit(out, req, n, scheduled, budgets, tuple(self.ranks_of(req)))
 
     # -- after the model ran ---------------------------------------------------------------
     def complete_step(self, out: SchedulerOutput) -> None:
-        """Advance computed tokens and publish newly full blocks to the prefix cache."""
+        """Advance computed tokens and publish newly full blocks to each rank's prefix cache."""
         for c in out.chunks:
             req = self.requests.get(c.req_id)
             if req is None or req.status is not Status.RUNNING:
                 continue
             req.num_computed_tokens = c.start + c.num_tokens
-            self.kv.cache_full_blocks(req.req_id, req.all_token_ids, req.num_computed_tokens)
+            for r in self.ranks_of(req):
+                self.kvs[r].cache_full_blocks(req.req_id, self.block_tokens(req, r),
+                                              self.local_count(req, r, req.num_computed_tokens),
+                                              self.placement_key(req, r))
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        lookups = sum(kv.num_lookup_tokens for kv in self.kvs)
+        return sum(kv.num_hit_tokens for kv in self.kvs) / lookups if lookups else 0.0

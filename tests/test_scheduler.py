@@ -133,7 +133,7 @@ def test_prefix_cache_hit_computes_fewer_tokens():
     out = run_step(s)
     assert b.num_cached_tokens == 192  # 12 full blocks of the shared prefix
     assert out.chunks[0].start == 192 and out.chunks[0].num_tokens == 203 - 192
-    assert s.kv.hit_rate > 0
+    assert s.prefix_cache_hit_rate > 0
 
 
 def test_prefix_cache_never_serves_the_whole_prompt():
@@ -151,7 +151,7 @@ def test_lru_eviction_keeps_pool_consistent():
     pool = BlockPool(5, BS)
     kv = KVCacheManager(pool)
     assert kv.allocate_slots("x", 64)
-    kv.cache_full_blocks("x", list(range(64)), 64)
+    kv.cache_full_blocks("x", lambda i: list(range(i * BS, (i + 1) * BS)), 64)
     kv.free("x")
     assert pool.num_free == 4 and len(pool.block_of_hash) == 4
     assert kv.allocate_slots("y", 32)  # evicts two cached blocks
@@ -175,3 +175,62 @@ def test_config_validation(bad):
 
     with pytest.raises(CspsError):
         SchedulerConfig(**{**dict(block_size=16), **bad})
+
+
+def make_sp(sp=2, budget=64, num_blocks=200, threshold=100):
+    kvs = [KVCacheManager(BlockPool(num_blocks, BS)) for _ in range(sp)]
+    cfg = SchedulerConfig(token_budget=budget, max_num_seqs=32, max_model_len=8192, block_size=BS)
+    return Scheduler(cfg, kvs, sp_threshold_tokens=threshold)
+
+
+def test_sp_request_spreads_each_chunk_within_per_rank_budgets():
+    from csps import kv_placement as kp
+
+    s = make_sp(sp=4, budget=64)
+    s.add(req(0, 1000, max_tokens=3))
+    s.add(req(1, 40, max_tokens=30))  # short: one rank
+    seen = []
+    while s.num_unfinished:
+        out = run_step(s)
+        assert all(t <= 64 for t in out.tokens_per_rank)
+        for c in out.chunks:
+            seen.append(c)
+            if c.req_id == "r0" and not c.is_decode:
+                assert c.sp and c.ranks == (0, 1, 2, 3)
+            if c.req_id == "r1":
+                assert not c.sp and len(c.ranks) == 1
+    long_prefill = [c for c in seen if c.req_id == "r0" and not c.is_decode]
+    assert sum(c.num_tokens for c in long_prefill) == 1000
+    assert long_prefill[0].num_tokens >= 4 * 64 - 64, "an SP chunk uses (nearly) every rank's budget"
+    decodes = [c for c in seen if c.req_id == "r0" and c.is_decode]
+    assert [c.ranks[0] for c in decodes] == [kp.rank_of(c.start, 4, BS) for c in decodes]
+
+
+def test_sp_blocks_spread_evenly_and_prefix_cache_hits_whole_stripes():
+    s = make_sp(sp=2, budget=512, num_blocks=200)
+    base = [3 + (j * 13) % 5000 for j in range(700)]
+    a = Request("a", base + [1, 2], SamplingParams(max_tokens=1), 0.0)
+    s.add(a)
+    run_step(s)
+    run_step(s)
+    used = [kv.pool.num_used for kv in s.kvs]
+    assert abs(used[0] - used[1]) <= 1
+    while s.num_unfinished:
+        run_step(s)
+    b = Request("b", base + [7, 8, 9], SamplingParams(max_tokens=1), 1.0)
+    s.add(b)
+    run_step(s)
+    assert b.sp_degree == 2 and b.num_cached_tokens == 640  # 10 stripes of 2·2·16 tokens
+
+
+def test_short_requests_go_to_the_least_loaded_rank_or_their_cached_prefix():
+    s = make_sp(sp=2, budget=512, threshold=10_000)
+    s.add(req(0, 200, max_tokens=50))
+    s.add(req(1, 200, max_tokens=50))
+    run_step(s)
+    assert {s.requests["r0"].owner_rank, s.requests["r1"].owner_rank} == {0, 1}
+    shared = s.requests["r1"].prompt_token_ids
+    c = Request("c", shared[:180] + [5, 6], SamplingParams(max_tokens=1), 2.0)
+    s.add(c)
+    run_step(s)
+    assert c.owner_rank == s.requests["r1"].owner_rank and c.num_cached_tokens == 176
