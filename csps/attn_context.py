@@ -101,6 +101,11 @@ class LocalAttention:
         # q: [T, Hq_l, D], k/v: [T, Hkv_l, D] -> out [T, Hq_l, D]
         self.write(layer, k, v)
         out = torch.empty_like(q)
+        self.compute(layer, q, k, v, out)
+        return out
+
+    def compute(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Attention for this context's rows (the first ``num_rows`` of q/k/v), into ``out``."""
         if self.decode_rows.numel():
             kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
             o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
@@ -111,4 +116,3 @@ class LocalAttention:
             o, _ = attention(q[p.rows], self._expand(kk), self._expand(vv), p.q_pos, p.k_pos,
                              self.scale, self.window)
             out[p.rows] = o
-        return out

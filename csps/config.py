@@ -105,6 +105,7 @@ class ParallelConfig:
     sp: int = 1
     tp: int = 1
     sp_attn: str = "ring"  # ring | ulysses (prefill exchange); decode always uses pass-Q
+    sp_exchange: str = "auto"  # with ring: auto (Meta's rule, calibrated) | pass_kv | pass_q
     sp_threshold_tokens: int = 4096  # prompts longer than this are sequence-parallel
     backend: str = "auto"  # auto | gloo | nccl
 
@@ -112,6 +113,8 @@ class ParallelConfig:
         _check(self.sp >= 1 and self.tp >= 1, f"sp and tp must be >= 1 (got sp={self.sp}, tp={self.tp})")
         _check(self.sp_attn in ("ring", "ulysses"), f"unknown --sp-attn {self.sp_attn!r} (ring | ulysses)")
         _check(self.backend in ("auto", "gloo", "nccl"), f"unknown backend {self.backend!r}")
+        _check(self.sp_exchange in ("auto", "pass_kv", "pass_q"),
+               f"unknown --sp-exchange {self.sp_exchange!r} (auto | pass_kv | pass_q)")
         _check(self.sp_threshold_tokens >= 1, "sp_threshold_tokens must be positive")
 
     @property
@@ -127,6 +130,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    debug_fault: tuple[int, int] | None = None  # tests only: (world rank, step id) raises there
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")

@@ -19,7 +19,7 @@ from csps.attn_context import KVCacheTensors
 from csps.config import EngineConfig
 from csps.errors import RequestError
 from csps.kv_cache import BlockPool, KVCacheManager
-from csps.model import LlamaModel
+from csps.model import LlamaModel, TPShard
 from csps.outputs import OutputState, RequestOutput
 from csps.plan import SeqWork, StepPlan
 from csps.request import Request, Status
@@ -72,35 +72,56 @@ class Engine:
         model_cfg, state_dict = weights or load_model_weights(config.model, self.dtype, seed=config.seed)
         self.model_config = model_cfg
         self.max_model_len = config.scheduler.max_model_len
-        self.model = LlamaModel(model_cfg, state_dict, self.dtype)
-        del state_dict
         if tokenizer is None and load_tokenizer_:
             tokenizer = Tokenizer(load_tokenizer(config.model))
         self.tokenizer = tokenizer
         self.eos_ids = set(model_cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and not config.model.startswith("dummy:"):
-            self.eos_ids.add(self.tokenizer.eos_token_id)
-        per_token = model_cfg.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.num_sp_ranks = config.parallel.sp
+        # KV bytes per token on one rank (a TP rank holds its share of the KV heads)
+        tp = config.parallel.tp
+        kv_heads = max(TPShard(r, tp).kv_head_range(model_cfg.num_heads, model_cfg.num_kv_heads)[1]
+                       - TPShard(r, tp).kv_head_range(model_cfg.num_heads, model_cfg.num_kv_heads)[0]
+                       for r in range(tp))
+        per_token = 2 * model_cfg.num_layers * kv_heads * model_cfg.head_dim * (torch.finfo(self.dtype).bits // 8)
         num_blocks = size_kv_pool(config, per_token, self.max_model_len)
-        self.cache = KVCacheTensors(model_cfg.num_layers, num_blocks, config.cache.block_size,
-                                    model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
-        self.pool = BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.worker = Worker(self.model, self.cache)
+        self._start_runtime(model_cfg, state_dict, num_blocks)
+        del state_dict
+        self.pools = [BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+                      for _ in range(self.num_sp_ranks)]
+        self.pool = self.pools[0]
+        self.kvs = [KVCacheManager(p) for p in self.pools]
+        self.kv = self.kvs[0]
+        self.scheduler = Scheduler(config.scheduler, self.kvs,
+                                   config.parallel.sp_threshold_tokens if self.num_sp_ranks > 1 else None)
         self.states: dict[str, OutputState] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.step_log: deque[StepRecord] = deque(maxlen=100_000)
+        self.logits_sink: dict[str, list[torch.Tensor]] | None = None  # tests: capture sampled logits
         self._ids = itertools.count()
         self.load_time_s = time.perf_counter() - t0
-        log.info("engine ready: model %s (%s), KV cache %d tokens (%.2f GiB), token budget %d, load %.1f s",
-                 model_cfg.name or config.model, config.dtype, self.kv_capacity_tokens,
-                 self.cache.bytes / 2**30, config.scheduler.token_budget, self.load_time_s)
+        p = config.parallel
+        log.info("engine ready: model %s (%s), layout sp=%d x tp=%d, KV cache %d tokens per rank, "
+                 "token budget %d per rank, loaded in %.1f s", model_cfg.name or config.model, config.dtype,
+                 p.sp, p.tp, self.kv_capacity_tokens, config.scheduler.token_budget, self.load_time_s)
+
+    def _start_runtime(self, model_cfg, state_dict, num_blocks: int) -> None:
+        """Single process: the model and the KV cache live here."""
+        self.model = LlamaModel(model_cfg, state_dict, self.dtype)
+        self.cache = KVCacheTensors(model_cfg.num_layers, num_blocks, self.config.cache.block_size,
+                                    model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
+        self.worker = Worker(self.model, self.cache)
 
     # -- requests --------------------------------------------------------------------------
     @property
     def kv_capacity_tokens(self) -> int:
+        """KV capacity of one rank, in tokens."""
         return self.pool.capacity_tokens
+
+    @property
+    def total_kv_capacity_tokens(self) -> int:
+        return sum(p.capacity_tokens for p in self.pools)
 
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_ids)
@@ -115,10 +136,10 @@ class Engine:
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         need = min(n + params.max_tokens, self.max_model_len)
-        if need > self.kv_capacity_tokens:
+        if need > self.total_kv_capacity_tokens:
             raise RequestError(
                 f"the request needs up to {need} tokens of KV cache but the cache holds "
-                f"{self.kv_capacity_tokens} tokens; lower max_tokens or enlarge the KV cache")
+                f"{self.total_kv_capacity_tokens} tokens; lower max_tokens or enlarge the KV cache")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_s: float | None = None) -> str:
@@ -200,6 +221,9 @@ class Engine:
             req = self.scheduler.requests[c.req_id]
             rows.append(SampleRow(req.params, req.prompt_token_ids, req.output_token_ids,
                                   self.generators.get(c.req_id)))
+        if self.logits_sink is not None:
+            for c, row in zip(chunks, logits):
+                self.logits_sink.setdefault(c.req_id, []).append(row.clone())
         sampled = sample(logits, rows)
         now = time.perf_counter()
         outputs = []
@@ -220,9 +244,9 @@ class Engine:
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
-            "kv_blocks_used": [self.pool.num_used],
-            "kv_blocks_total": [self.pool.num_blocks - 1],
-            "prefix_cache_hit_rate": self.kv.hit_rate,
+            "kv_blocks_used": [p.num_used for p in self.pools],
+            "kv_blocks_total": [p.num_blocks - 1 for p in self.pools],
+            "prefix_cache_hit_rate": self.scheduler.prefix_cache_hit_rate,
         }
 
     def shutdown(self) -> None:

@@ -23,6 +23,7 @@ def make_engine_config(
     sp: int = 1,
     tp: int = 1,
     sp_attn: str = "ring",
+    sp_exchange: str = "auto",
     sp_threshold_tokens: int = 4096,
     seed: int = 0,
     max_waiting: int = 1024,
@@ -36,7 +37,8 @@ def make_engine_config(
         scheduler=SchedulerConfig(token_budget=token_budget, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len or 1, policy=schedule_policy,
                                   block_size=block_size, max_waiting=max_waiting),
-        parallel=ParallelConfig(sp=sp, tp=tp, sp_attn=sp_attn, sp_threshold_tokens=sp_threshold_tokens),
+        parallel=ParallelConfig(sp=sp, tp=tp, sp_attn=sp_attn, sp_exchange=sp_exchange,
+                                sp_threshold_tokens=sp_threshold_tokens),
     )
 
 
@@ -47,7 +49,8 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     from csps.engine import TORCH_DTYPES, Engine
     from csps.weights import load_model_weights
 
-    weights = load_model_weights(config.model, TORCH_DTYPES[config.dtype], seed=config.seed)
+    weights = kw.pop("weights", None) or load_model_weights(config.model, TORCH_DTYPES[config.dtype],
+                                                            seed=config.seed)
     model_cfg = weights[0]
     limit = max_model_len or model_cfg.max_position_embeddings
     config = replace(config, scheduler=replace(config.scheduler, max_model_len=limit))

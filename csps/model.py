@@ -150,7 +150,7 @@ class LlamaModel:
             k = apply_rope(k.view(t, self.num_local_kv_heads, d), cos, sin)  # [T, Hkv_l, D]
             v = v.reshape(t, self.num_local_kv_heads, d)
             o = attn(i, q, k, v)  # [T, Hq_l, D]
-            x = x + self._reduce(F.linear(o.reshape(t, -1), layer.o_proj))
+            x = x + self._reduce(F.linear(o.reshape(t, self.num_local_heads * d), layer.o_proj))
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
             x = x + self._reduce(F.linear(F.silu(gate) * up, layer.down))

@@ -35,6 +35,7 @@ class SeqWork:
     block_ids: list[int]  # this rank's KV blocks for the sequence (after this step)
     num_kv_before: int  # local KV tokens cached before this step; new ones follow in slot order
     kv_pos: Ranges | None = None  # positions of all local KV tokens (None: 0..num_kv contiguous)
+    sp_layout: tuple[int, int, int] | None = None  # (sp, rank, granule): zigzag KV placement
     is_decode: bool = False
     sample: bool = False  # this rank returns the hidden state of the last new token
 
@@ -77,6 +78,8 @@ class StepPlan:
             x["pos"] = [tuple(r) for r in x["pos"]]
             if x["kv_pos"] is not None:
                 x["kv_pos"] = [tuple(r) for r in x["kv_pos"]]
+            if x["sp_layout"] is not None:
+                x["sp_layout"] = tuple(x["sp_layout"])
             return SeqWork(**x)
 
         return StepPlan(

@@ -1,0 +1,189 @@
+"""The engine over a world of SP × TP ranks.
+
+Rank 0 (this process) schedules, builds each step's plan for every rank, broadcasts it (msgpack
+bytes over the counted ``Comm``), runs its own share, and gathers the hidden states of the tokens
+to sample plus every rank's byte counters. Ranks 1..W-1 (child processes, or torchrun peers) run
+``rank_loop``: receive a plan, run it, send results, until a shutdown plan. A rank that fails
+reports its error before exiting; rank 0 raises one clear ``CspsError`` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from csps import kv_placement as kp
+from csps.engine import Engine
+from csps.errors import CspsError
+from csps.exchange import ExchangePolicy, measure_link
+from csps.plan import SeqWork, SPSeqWork, StepPlan
+from csps.rank_runtime import RankRuntime, sample_order
+from csps.scheduler import SchedulerOutput
+
+log = logging.getLogger("csps.dist_engine")
+
+BYTE_KINDS = ("plan", "sample", "pass_kv", "pass_q", "pass_q_pos", "pass_q_out", "ulysses_a2a",
+              "tp_allreduce")
+
+
+def rank_loop(rt: RankRuntime) -> None:
+    """Ranks 1..W-1: execute plans until told to stop."""
+    world = rt.groups.world
+    while True:
+        plan = StepPlan.from_bytes(world.broadcast_bytes(None, src=0, kind="plan"))
+        if plan.shutdown:
+            return
+        hidden = rt.execute(plan)
+        world.gather_to(hidden, dst=0, kind="sample")
+        world.gather_to(rt.step_bytes_tensor(BYTE_KINDS), dst=0, kind="stats")
+
+
+def child_main(rank: int, world_size: int, config, weights, num_blocks: int) -> None:
+    rt = RankRuntime(config, weights, num_blocks)
+    del weights
+    rt.handshake()
+    rank_loop(rt)
+    rt.close()
+
+
+def check_layout(config, model_cfg) -> None:
+    """Refuse impossible layouts before any rank starts."""
+    p = config.parallel
+    if p.tp > model_cfg.num_heads:
+        raise CspsError(f"--tp {p.tp} exceeds the model's {model_cfg.num_heads} attention heads")
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world is not None and int(env_world) != p.world_size:
+        raise CspsError(f"--sp {p.sp} x --tp {p.tp} = {p.world_size} ranks, but torchrun started {env_world}")
+    if p.sp_attn == "ulysses" and p.sp > 1:
+        kv_local = -(-model_cfg.num_kv_heads // p.tp)
+        if kv_local < p.sp:
+            raise CspsError(f"--sp-attn ulysses needs at least one KV head per SP rank: {kv_local} KV heads "
+                            f"per TP rank for --sp {p.sp}; use --sp-attn ring")
+    cores = os.cpu_count() or 1
+    if p.world_size > cores and not torch.cuda.is_available():
+        log.warning("%d ranks on %d CPU cores: ranks will time-share the cores", p.world_size, cores)
+
+
+class DistEngine(Engine):
+    def _start_runtime(self, model_cfg, state_dict, num_blocks: int) -> None:
+        from csps.parallel.rank_group import RankGroup
+
+        check_layout(self.config, model_cfg)
+        world = self.config.parallel.world_size
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank_group = None
+        self._threads_before = torch.get_num_threads()
+        if not torchrun:
+            for t in state_dict.values():
+                t.share_memory_()  # the ranks map the weights instead of copying them
+            self.rank_group = RankGroup(world, child_main, args=(self.config, (model_cfg, state_dict), num_blocks))
+            try:
+                self.rank_group.join_as_rank0()
+            except Exception as e:  # noqa: BLE001
+                self.rank_group.stop(grace_s=0.5)
+                raise CspsError(f"could not start {world} ranks: {str(e).splitlines()[0]}") from None
+        else:
+            from csps.parallel.groups import init_distributed
+
+            init_distributed(self.config.parallel.backend)
+        self.rt = RankRuntime(self.config, (model_cfg, state_dict), num_blocks)
+        self.model, self.cache = self.rt.model, self.rt.cache
+        self.dead: str | None = None
+        try:
+            link = self.rt.handshake()
+        except Exception as e:  # noqa: BLE001
+            raise self._failure(e) from None
+        sp = self.config.parallel
+        forced = "ulysses" if sp.sp_attn == "ulysses" else (None if sp.sp_exchange == "auto" else sp.sp_exchange)
+        self.exchange = ExchangePolicy.calibrate(model_cfg, torch.finfo(self.dtype).bits // 8, sp.sp, sp.tp,
+                                                 link, torch.get_num_threads(), forced)
+        self._last_bytes: dict[str, int] = {}
+
+    # -- plans -----------------------------------------------------------------------------
+    def build_plan(self, out: SchedulerOutput) -> StepPlan:
+        plan = StepPlan(step_id=out.step_id)
+        self._sampling_req_ids = [c.req_id for c in out.chunks if c.samples]
+        p, bs = self.num_sp_ranks, self.config.cache.block_size
+        for c in out.chunks:
+            req = self.scheduler.requests[c.req_id]
+            end = c.start + c.num_tokens
+            if not c.sp:
+                r = c.ranks[0]
+                plan.per_rank.setdefault(r, []).append(SeqWork(
+                    req_id=c.req_id, token_ids=req.token_ids(c.start, end), pos=[(c.start, end)],
+                    block_ids=self.kvs[r].table(c.req_id), num_kv_before=c.start, is_decode=c.is_decode,
+                    sample=c.samples))
+                continue
+            ranges = kp.ranges_per_rank(c.start, end, p, bs)
+            per_rank = []
+            for r in range(p):
+                toks = [t for a, b in ranges[r] for t in req.token_ids(a, b)]
+                per_rank.append(SeqWork(
+                    req_id=c.req_id, token_ids=toks, pos=ranges[r], block_ids=self.kvs[r].table(c.req_id),
+                    num_kv_before=kp.count_before(c.start, r, p, bs), sp_layout=(p, r, bs),
+                    is_decode=c.is_decode and bool(toks), sample=c.samples and kp.rank_of(end - 1, p, bs) == r))
+            exchange = "pass_q" if c.is_decode else self.exchange.choose(c.num_tokens, c.start)
+            plan.sp_seqs.append(SPSeqWork(req_id=c.req_id, per_rank=per_rank, exchange=exchange,
+                                          owner_rank=kp.rank_of(end - 1, p, bs)))
+        return plan
+
+    # -- execution -------------------------------------------------------------------------
+    def _failure(self, e: BaseException) -> CspsError:
+        detail = self.rank_group.first_error() if self.rank_group is not None else None
+        self.dead = detail or f"rank 0 failed: {type(e).__name__}: {e}"
+        log.error("engine failed: %s", self.dead)
+        self._kill()
+        return CspsError(f"the engine's ranks failed ({self.dead.splitlines()[0]})")
+
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        if self.dead:
+            raise CspsError(f"the engine is dead: {self.dead.splitlines()[0]}")
+        world = self.rt.groups.world
+        try:
+            world.broadcast_bytes(plan.to_bytes(), src=0, kind="plan")
+            hidden = self.rt.execute(plan)
+            order = sample_order(plan, self.rt.groups)
+            parts = world.gather_to(hidden, dst=0, kind="sample")
+            stats = world.gather_to(self.rt.step_bytes_tensor(BYTE_KINDS), dst=0, kind="stats")
+        except Exception as e:  # noqa: BLE001 - a rank failed mid-step
+            raise self._failure(e) from None
+        total = torch.stack(stats).sum(0).tolist()
+        self._last_bytes = {k: int(v) for k, v in zip(BYTE_KINDS, total) if v}
+        rows = torch.cat([x for x in parts if x.numel()]) if any(x.numel() for x in parts) else None
+        if rows is None:
+            return None
+        logits = self.model.logits(rows)
+        # reorder from gather order (rank by rank) to the scheduler's chunk order
+        index = {req_id: i for i, req_id in enumerate(order)}
+        return logits[[index[r] for r in self._sampling_req_ids]]
+
+    def step_bytes(self) -> dict[str, int]:
+        return dict(self._last_bytes)
+
+    def _kill(self) -> None:
+        if self.rank_group is not None:
+            self.rank_group.stop(grace_s=0.5)
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def shutdown(self) -> None:
+        if getattr(self, "rt", None) is None:
+            return
+        if not self.dead:
+            try:
+                self.rt.groups.world.broadcast_bytes(StepPlan(step_id=-1, shutdown=True).to_bytes(), src=0,
+                                                     kind="plan")
+            except Exception:  # noqa: BLE001
+                pass
+            if self.rank_group is not None:
+                self.rank_group.stop(grace_s=5.0)
+        self._kill()
+        torch.set_num_threads(self._threads_before)
+        self.rt = None
