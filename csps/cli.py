@@ -41,6 +41,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     g.add_argument("--sp-attn", default="ring", choices=["ring", "ulysses"],
                    help="prefill exchange for sequence-parallel prompts")
+    g.add_argument("--sp-exchange", default="auto", choices=["auto", "pass_kv", "pass_q"],
+                   help="ring prefill exchange: auto picks per chunk (Meta's rule, calibrated at start-up)")
     g.add_argument("--sp-threshold", type=parse_len, default=4096,
                    help="prompts longer than this run sequence-parallel")
     g.add_argument("--token-budget", type=parse_len, default=512, help="tokens per rank per step")
@@ -55,7 +57,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(
-        model=a.model, dtype=a.dtype, sp=a.sp, tp=a.tp, sp_attn=a.sp_attn,
+        model=a.model, dtype=a.dtype, sp=a.sp, tp=a.tp, sp_attn=a.sp_attn, sp_exchange=a.sp_exchange,
         sp_threshold_tokens=a.sp_threshold, token_budget=a.token_budget, max_model_len=a.max_model_len,
         max_num_seqs=a.max_num_seqs, block_size=a.block_size,
         kv_cache_bytes=int(a.kv_cache_gb * 2**30) if a.kv_cache_gb else None,

@@ -21,6 +21,7 @@ from csps.exchange import ExchangePolicy, measure_link
 from csps.plan import SeqWork, SPSeqWork, StepPlan
 from csps.rank_runtime import RankRuntime, sample_order
 from csps.scheduler import SchedulerOutput
+from csps.weights import SharedWeights
 
 log = logging.getLogger("csps.dist_engine")
 
@@ -40,8 +41,45 @@ def rank_loop(rt: RankRuntime) -> None:
         world.gather_to(rt.step_bytes_tensor(BYTE_KINDS), dst=0, kind="stats")
 
 
+def is_torchrun_worker() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0
+
+
+def torchrun_worker_main(config, weights) -> None:
+    """A non-zero rank launched by torchrun: join the rendezvous, serve plans, exit the process."""
+    import sys
+
+    from csps.engine import kv_pool_blocks
+    from csps.parallel.groups import init_distributed
+
+    check_layout(config, weights[0])
+    init_distributed(config.parallel.backend)
+    code = 0
+    try:
+        num_blocks = agree_num_blocks(kv_pool_blocks(config, weights[0]))
+        child_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config, weights, num_blocks)
+    except Exception as e:  # noqa: BLE001
+        log.error("rank %s failed: %s", os.environ["RANK"], e)
+        code = 1
+    sys.exit(code)
+
+
+def agree_num_blocks(num_blocks: int) -> int:
+    """Under torchrun each rank sized its pool from its own free memory: take rank 0's size."""
+    import torch.distributed as dist
+
+    from csps.parallel.comm import Comm
+
+    t = torch.tensor([num_blocks], dtype=torch.int64)
+    Comm(None, list(range(dist.get_world_size()))).broadcast(t, src=0, kind="plan")
+    return int(t[0])
+
+
 def child_main(rank: int, world_size: int, config, weights, num_blocks: int) -> None:
-    rt = RankRuntime(config, weights, num_blocks)
+    model_cfg, sd = weights
+    if isinstance(sd, SharedWeights):
+        sd = sd.state_dict()
+    rt = RankRuntime(config, (model_cfg, sd), num_blocks)
     del weights
     rt.handshake()
     rank_loop(rt)
@@ -76,9 +114,9 @@ class DistEngine(Engine):
         self.rank_group = None
         self._threads_before = torch.get_num_threads()
         if not torchrun:
-            for t in state_dict.values():
-                t.share_memory_()  # the ranks map the weights instead of copying them
-            self.rank_group = RankGroup(world, child_main, args=(self.config, (model_cfg, state_dict), num_blocks))
+            shared = SharedWeights(state_dict)  # the ranks map the weights instead of copying them
+            self.rank_group = RankGroup(world, child_main, args=(self.config, (model_cfg, shared), num_blocks))
+            del shared
             try:
                 self.rank_group.join_as_rank0()
             except Exception as e:  # noqa: BLE001
@@ -88,6 +126,7 @@ class DistEngine(Engine):
             from csps.parallel.groups import init_distributed
 
             init_distributed(self.config.parallel.backend)
+            agree_num_blocks(num_blocks)
         self.rt = RankRuntime(self.config, (model_cfg, state_dict), num_blocks)
         self.model, self.cache = self.rt.model, self.rt.cache
         self.dead: str | None = None

@@ -56,8 +56,19 @@ def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int)
     if budget is None:
         budget = min(2 << 30, memory_available_bytes() // 4)
     blocks = max(2, budget // (kv_bytes_per_token * bs))
-    usable = -(-cfg.scheduler.max_num_seqs * max_model_len // bs) + 1
+    # never more than the running requests could fill (nor 64 full contexts)
+    usable = -(-min(cfg.scheduler.max_num_seqs, 64) * max_model_len // bs) + 1
     return int(min(blocks, usable))
+
+
+def kv_pool_blocks(config: EngineConfig, model_cfg) -> int:
+    """Blocks per rank, identical on every rank (a TP rank holds its share of the KV heads)."""
+    tp = config.parallel.tp
+    kv_heads = max(b - a for a, b in (TPShard(r, tp).kv_head_range(model_cfg.num_heads, model_cfg.num_kv_heads)
+                                      for r in range(tp)))
+    elem_bytes = torch.finfo(TORCH_DTYPES[config.dtype]).bits // 8
+    per_token = 2 * model_cfg.num_layers * kv_heads * model_cfg.head_dim * elem_bytes
+    return size_kv_pool(config, per_token, config.scheduler.max_model_len)
 
 
 class Engine:
@@ -80,12 +91,7 @@ class Engine:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.num_sp_ranks = config.parallel.sp
         # KV bytes per token on one rank (a TP rank holds its share of the KV heads)
-        tp = config.parallel.tp
-        kv_heads = max(TPShard(r, tp).kv_head_range(model_cfg.num_heads, model_cfg.num_kv_heads)[1]
-                       - TPShard(r, tp).kv_head_range(model_cfg.num_heads, model_cfg.num_kv_heads)[0]
-                       for r in range(tp))
-        per_token = 2 * model_cfg.num_layers * kv_heads * model_cfg.head_dim * (torch.finfo(self.dtype).bits // 8)
-        num_blocks = size_kv_pool(config, per_token, self.max_model_len)
+        num_blocks = kv_pool_blocks(config, model_cfg)
         self._start_runtime(model_cfg, state_dict, num_blocks)
         del state_dict
         self.pools = [BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)

@@ -55,7 +55,10 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     limit = max_model_len or model_cfg.max_position_embeddings
     config = replace(config, scheduler=replace(config.scheduler, max_model_len=limit))
     if config.parallel.world_size > 1:
-        from csps.dist_engine import DistEngine
+        from csps.dist_engine import DistEngine, is_torchrun_worker, torchrun_worker_main
+
+        if is_torchrun_worker():  # ranks 1..W-1 under torchrun serve rank 0's plans, then exit
+            torchrun_worker_main(config, weights)
 
         return DistEngine(config, weights=weights, **kw)
     return Engine(config, weights=weights, **kw)

@@ -257,3 +257,28 @@ def load_model_weights(model: str, dtype: torch.dtype, seed: int = 0):
     )
 
 
+
+
+class SharedWeights:
+    """A state dict packed into ONE shared-memory buffer, so handing it to rank processes costs one
+    file descriptor and no copy (multiprocessing can pass at most ~250 descriptors at once)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.index: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        offset = 0
+        for name, t in state_dict.items():
+            offset = -(-offset // 64) * 64  # keep every tensor 64-byte aligned
+            self.index[name] = (offset, tuple(t.shape), t.dtype)
+            offset += t.numel() * t.element_size()
+        self.buffer = torch.empty(max(offset, 1), dtype=torch.uint8)
+        for name, t in state_dict.items():
+            self._view(name).copy_(t)
+        self.buffer.share_memory_()
+
+    def _view(self, name: str) -> torch.Tensor:
+        offset, shape, dtype = self.index[name]
+        n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        return self.buffer[offset : offset + n].view(dtype).view(shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: self._view(name) for name in self.index}

@@ -38,6 +38,8 @@ def _child_main(rank: int, world_size: int, port: int, target: Callable, args: t
         target(rank, world_size, *args)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then the process exits
         errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc(), time.time()))
+        errors.close()
+        errors.join_thread()  # the report must reach the pipe before the process vanishes
         log.error("rank %d failed: %s", rank, e)
         sys.stderr.flush()
         os._exit(1)
