@@ -107,9 +107,15 @@ class LocalAttention:
     def compute(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
         """Attention for this context's rows (the first ``num_rows`` of q/k/v), into ``out``."""
         if self.decode_rows.numel():
-            kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
-            o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
-                                    self.decode_lens, self.scale, self.window)
+            if q.is_cuda and self.kv_head_map is None:  # flash-attn paged decode, imported lazily
+                from csps.kernels.cuda_attention import flash_decode_paged
+
+                o, _ = flash_decode_paged(q[self.decode_rows], self.cache.k[layer], self.cache.v[layer],
+                                          self.decode_tables, self.decode_lens, self.scale, self.window)
+            else:
+                kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
+                o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
+                                        self.decode_lens, self.scale, self.window)
             out[self.decode_rows] = o
         for p in self.prefills:
             kk, vv = self.prefill_kv(layer, p, k, v)

@@ -81,6 +81,10 @@ def attention(
     """
     tq, hq, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    if q.is_cuda:  # flash-attn if it can run these tensors; its fallback calls back here on CPU copies
+        from csps.kernels.cuda_attention import flash_prefill
+
+        return flash_prefill(q, k, v, q_pos, k_pos, scale, sliding_window)
     if tq == 0 or k.shape[0] == 0:
         return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"))
     q_min, q_max = int(q_pos.min()), int(q_pos.max())
