@@ -1,0 +1,55 @@
+"""Shared helpers for the benchmark scripts: side-by-side timing and JSON with provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+BOOKS = os.path.join(os.path.dirname(ROOT), "shared", "data", "books")
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance() -> dict:
+    import torch
+
+    from csps.hardware import machine_info
+
+    return {"git": git_revision(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": machine_info(), "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def save(name: str, data: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"provenance": provenance(), **data}, f, indent=1)
+    return path
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
