@@ -84,7 +84,8 @@ class Engine:
         self.model_config = model_cfg
         self.max_model_len = config.scheduler.max_model_len
         if tokenizer is None and load_tokenizer_:
-            tokenizer = Tokenizer(load_tokenizer(config.model))
+            hf_tokenizer = load_tokenizer(config.model)
+            tokenizer = Tokenizer(hf_tokenizer) if hf_tokenizer is not None else None
         self.tokenizer = tokenizer
         self.eos_ids = set(model_cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and not config.model.startswith("dummy:"):

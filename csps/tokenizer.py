@@ -42,7 +42,8 @@ def _load_gguf_tokenizer(path: str):
 
 
 def load_tokenizer(model: str):
-    """The Hugging Face tokenizer for a model spec (dummy models share SmolLM2's)."""
+    """The Hugging Face tokenizer for a model spec (dummy models share SmolLM2's); None for a model
+    directory that ships no tokenizer (the engine then takes token ids only)."""
     from transformers import AutoTokenizer
 
     if model.startswith("dummy:"):
@@ -50,6 +51,10 @@ def load_tokenizer(model: str):
     path = resolve_model(model)
     try:
         if os.path.isdir(path):
+            if not any(os.path.exists(os.path.join(path, f)) for f in
+                       ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+                log.warning("%s has no tokenizer files: prompts must be token ids", path)
+                return None
             return AutoTokenizer.from_pretrained(path)
         return _load_gguf_tokenizer(path)
     except ModelLoadError:

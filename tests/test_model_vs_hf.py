@@ -67,3 +67,29 @@ def test_greedy_generation_matches_transformers(arch):
             if o.finished:
                 got = o.token_ids
     assert got == want
+
+
+def test_hugging_face_directory_loads_and_matches(tmp_path):
+    """A model saved with save_pretrained (config.json + safetensors) loads by path."""
+    from csps import LLM
+
+    hf, cfg, sd = build_hf("qwen2")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ids = torch.randint(3, cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = hf_greedy(hf, ids, 16)
+    llm = LLM(str(tmp_path), dtype="float32", token_budget=32, num_blocks=64)
+    assert llm.engine.model_config.arch == "qwen2" and llm.engine.model_config.attention_bias
+    got = llm.generate([ids], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert got[0].token_ids == want
+
+
+def test_missing_or_bad_model_paths_give_clear_errors(tmp_path):
+    from csps import LLM
+    from csps.errors import CspsError
+
+    with pytest.raises(CspsError, match="config.json"):
+        LLM(str(tmp_path))
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(CspsError, match="GGUF"):
+        LLM(str(bad))
