@@ -1,0 +1,56 @@
+"""``csps serve``: the OpenAI-compatible HTTP server (API process + engine process)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def parse_bytes(text: str) -> int:
+    """Sizes with suffixes: '1048576', '512k', '32M', '1G' (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512k, 32M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def add_serve_parser(subparsers, add_engine_args) -> None:
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (and /v1/summarize)")
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
+    g.add_argument("--api-key", default=os.environ.get("CSPS_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on /v1/*, /tokenize, /detokenize "
+                        "(default: $CSPS_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    g.add_argument("--max-body-bytes", type=parse_bytes, default=32 << 20, help="larger request bodies get 413")
+    g.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests queued in the engine beyond this get 429 with Retry-After")
+    g.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="seconds in-flight requests may take to finish after SIGTERM")
+    g.add_argument("--engine-start-timeout", type=float, default=900.0)
+    g.add_argument("--summarize-concurrency", type=int, default=8,
+                   help="chunk summaries in flight at once per /v1/summarize request")
+    g.add_argument("--access-log", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from csps.cli import engine_kwargs
+    from csps.server.config import ServerConfig
+    from csps.server.run import serve
+
+    kw = engine_kwargs(a)
+    kw["max_waiting"] = a.max_waiting
+    cfg = ServerConfig(engine_kwargs=kw, host=a.host, port=a.port, api_key=a.api_key,
+                       served_model_name=a.served_model_name, max_body_bytes=a.max_body_bytes,
+                       max_waiting=a.max_waiting, drain_timeout_s=a.drain_timeout,
+                       engine_start_timeout_s=a.engine_start_timeout,
+                       summarize_concurrency=a.summarize_concurrency, access_log=a.access_log)
+    return serve(cfg)

@@ -1,0 +1,47 @@
+"""ServerConfig: everything ``csps serve`` needs besides the engine's own settings (frozen, validated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from csps.errors import CspsError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise CspsError(msg)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # the engine: keyword arguments of csps.llm.make_engine_config (model, sp, tp, token_budget, ...)
+    engine_kwargs: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/*, /tokenize and /detokenize need 'Authorization: Bearer <key>'
+    served_model_name: str | None = None  # default: the --model value
+    max_body_bytes: int = 32 << 20
+    max_waiting: int = 1024  # requests queued in the engine beyond this get 429
+    retry_after_s: int = 1  # the Retry-After header of a 429
+    drain_timeout_s: float = 120.0  # SIGTERM: how long in-flight requests may take to finish
+    engine_start_timeout_s: float = 900.0
+    engine_stall_s: float = 60.0  # /health reports 'stalled' when the engine is silent this long
+    rpc_timeout_s: float = 30.0
+    summarize_concurrency: int = 8  # chunk summaries in flight at once per /v1/summarize call
+    access_log: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
+        _check(self.max_body_bytes > 0, "max_body_bytes must be positive")
+        _check(self.max_waiting >= 1, "max_waiting must be at least 1")
+        _check(self.retry_after_s >= 1, "retry_after_s must be at least 1")
+        _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
+        _check(self.engine_start_timeout_s > 0, "engine_start_timeout_s must be positive")
+        _check(self.summarize_concurrency >= 1, "summarize_concurrency must be at least 1")
+        _check(self.api_key is None or len(self.api_key) > 0, "api_key must not be empty")
+        _check("model" in self.engine_kwargs, "engine_kwargs must name a model")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.engine_kwargs["model"]

@@ -1,0 +1,105 @@
+"""Reading request bodies strictly (UTF-8, JSON, schema) and the plumbing of SSE and disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from csps.server.errors import APIError, bad_request, describe_validation_error
+
+M = TypeVar("M", bound=BaseModel)
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def decode_utf8(raw: bytes, what: str = "request body") -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the {what} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                          code="invalid_utf8") from None
+
+
+async def parse_json(request: Request, model: type[M]) -> M:
+    """The body as ``model``: 400 for invalid UTF-8, malformed JSON or a bad field (413 is enforced
+    while the body is read, see ``csps.server.middleware``)."""
+    raw = await request.body()
+    if not raw.strip():
+        raise bad_request("the request body is empty: send a JSON object", code="invalid_json")
+    text = decode_utf8(raw)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}",
+                          code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    return validate(model, obj)
+
+
+def validate(model: type[M], obj: dict) -> M:
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise describe_validation_error(e) from None
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client hangs up (call only after the body has been read)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def unless_disconnected(request: Request, coro):
+    """Run ``coro``; cancel it (its ``finally`` blocks abort engine work) if the client disconnects."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone anyway
+            pass
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def gone_response() -> JSONResponse:
+    return APIError(499, "client closed the request", code="client_closed").response()
+
+
+class EngineStream(StreamingResponse):
+    """An SSE response that always runs ``on_close`` (e.g. abort the engine requests), also when the
+    client disconnects before the body iterator has started."""
+
+    def __init__(self, content, on_close) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
