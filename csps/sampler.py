@@ -73,7 +73,10 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
         else:
             row = filter_logits(row / p.temperature, p)
             probs = torch.softmax(row, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=r.generator))
+            # exponential race: argmax(p / E), E ~ Exp(1), draws token i with probability p_i
+            # (one vectorised pass; torch.multinomial over a 49k vocabulary is several times slower)
+            race = torch.empty_like(probs).exponential_(generator=r.generator)
+            token = int((probs / race).argmax())
         s = Sampled(token)
         if raw_logprobs is not None and p.logprobs is not None:
             lp = raw_logprobs[i]
