@@ -38,6 +38,13 @@ def slots_for(seq: SeqWork, block_size: int) -> list[int]:
     return out
 
 
+def consecutive(block_ids: list[int]) -> tuple[int, int] | None:
+    """(first block, count) when the blocks are consecutive ids, so the cache can be read in place."""
+    if block_ids and block_ids == list(range(block_ids[0], block_ids[0] + len(block_ids))):
+        return block_ids[0], len(block_ids)
+    return None
+
+
 @dataclass
 class _Prefill:
     rows: slice
@@ -46,6 +53,7 @@ class _Prefill:
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     fresh: bool  # no cached KV before this step: attend to the new k/v directly
+    span: tuple[int, int] | None  # consecutive blocks: read the cache in place
 
 
 class LocalAttention:
@@ -74,7 +82,8 @@ class LocalAttention:
                          else torch.tensor(ranges_to_list(s.kv_pos), dtype=torch.int64))
                 self.prefills.append(_Prefill(
                     rows=slice(row, row + n), block_ids=torch.tensor(s.block_ids, dtype=torch.int64),
-                    num_kv=s.num_kv, q_pos=q_pos, k_pos=k_pos, fresh=s.num_kv_before == 0))
+                    num_kv=s.num_kv, q_pos=q_pos, k_pos=k_pos, fresh=s.num_kv_before == 0,
+                    span=consecutive(s.block_ids[: -(-s.num_kv // bs)])))
             row += n
         self.num_rows = row
         self.slots = torch.tensor(slots, dtype=torch.int64)
@@ -82,6 +91,8 @@ class LocalAttention:
         self.decode_lens = torch.tensor(lens, dtype=torch.int64)
         width = max((len(t) for t in tables), default=0)
         self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        # one decode whose blocks are consecutive (a request growing alone): read the cache in place
+        self.decode_span = consecutive(tables[0]) if len(tables) == 1 else None
 
     def _expand(self, k: torch.Tensor) -> torch.Tensor:
         # k: [..., Hkv_l, D] -> [..., Hq_l, D] when local query heads do not group evenly
@@ -95,6 +106,9 @@ class LocalAttention:
         """K/V of one prefill sequence on this rank: [num_kv, Hkv_l, D] each."""
         if p.fresh:
             return k[p.rows], v[p.rows]
+        if p.span is not None:
+            b0, n = p.span
+            return tuple(c[layer][b0 : b0 + n].flatten(0, 1)[: p.num_kv] for c in (self.cache.k, self.cache.v))
         return gather_kv(self.cache.k[layer], self.cache.v[layer], p.block_ids, p.num_kv)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -113,7 +127,11 @@ class LocalAttention:
                 o, _ = flash_decode_paged(q[self.decode_rows], self.cache.k[layer], self.cache.v[layer],
                                           self.decode_tables, self.decode_lens, self.scale, self.window)
             else:
-                kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
+                if self.decode_span is not None:
+                    b0, n = self.decode_span
+                    kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[None] for c in (self.cache.k, self.cache.v))
+                else:
+                    kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
                 o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
                                         self.decode_lens, self.scale, self.window)
             out[self.decode_rows] = o
