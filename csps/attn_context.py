@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csps.kernels import attention, decode_attention
+from csps.kernels import attention, decode_attention, decode_attention_one
 from csps.kernels.paged import gather_kv, gather_kv_padded, write_kv
 from csps.plan import SeqWork, ranges_to_list
 
@@ -126,12 +126,16 @@ class LocalAttention:
 
                 o, _ = flash_decode_paged(q[self.decode_rows], self.cache.k[layer], self.cache.v[layer],
                                           self.decode_tables, self.decode_lens, self.scale, self.window)
+            elif self.decode_span is not None and q.dtype == torch.float32:
+                # a single decode over consecutive blocks: the fused kernel on the cache in place
+                b0, n = self.decode_span
+                kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[: int(self.decode_lens[0])]
+                          for c in (self.cache.k, self.cache.v))
+                o, _ = decode_attention_one(q[self.decode_rows][0], self._expand(kc), self._expand(vc),
+                                            self.scale, self.window)
+                o = o[None]
             else:
-                if self.decode_span is not None:
-                    b0, n = self.decode_span
-                    kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[None] for c in (self.cache.k, self.cache.v))
-                else:
-                    kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
+                kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
                 o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
                                         self.decode_lens, self.scale, self.window)
             out[self.decode_rows] = o

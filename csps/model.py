@@ -145,10 +145,10 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split(self._split, dim=-1)
-            q = apply_rope(q.view(t, self.num_local_heads, d), cos, sin)  # [T, Hq_l, D]
-            k = apply_rope(k.view(t, self.num_local_kv_heads, d), cos, sin)  # [T, Hkv_l, D]
-            v = v.reshape(t, self.num_local_kv_heads, d)
+            # rotate q and k together: one RoPE pass over [T, Hq_l + Hkv_l, D]
+            qk = apply_rope(qkv[:, : self._split[0] + self._split[1]].view(t, -1, d), cos, sin)
+            q, k = qk[:, : self.num_local_heads], qk[:, self.num_local_heads :]  # [T, Hq_l, D], [T, Hkv_l, D]
+            v = qkv[:, self._split[0] + self._split[1] :].reshape(t, self.num_local_kv_heads, d)
             o = attn(i, q, k, v)  # [T, Hq_l, D]
             x = x + self._reduce(F.linear(o.reshape(t, self.num_local_heads * d), layer.o_proj))
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)

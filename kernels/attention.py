@@ -119,6 +119,23 @@ def attention(
     return merge_many([o for o, _ in parts], [lse for _, lse in parts])
 
 
+def decode_attention_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query over one sequence's keys (the query is the newest token): one fused kernel call.
+
+    q: [Hq, D], k/v: [L, Hkv, D] -> out [Hq, D], lse [Hq] fp32. Meant for fp32 on CPU (the fused
+    kernel is ~6x slower in bf16 for a single query; ``decode_attention`` computes in fp32).
+    """
+    if sliding_window is not None and k.shape[0] > sliding_window:
+        k, v = k[-sliding_window:], v[-sliding_window:]
+    if k.shape[0] == 0:
+        return q.new_zeros(q.shape), torch.full(q.shape[:1], float("-inf"))
+    out, lse = _flash(q[None], k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+    return out[0], lse[0]
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
