@@ -8,6 +8,7 @@ and are what `cost_model.fit` calibrates. No torch import at module level: only 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from csps.errors import CspsError
+
+
+log = logging.getLogger("csps.hardware")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -287,6 +291,13 @@ def save_cached(profile: HardwareProfile, key: str, path: Path | None = None) ->
     os.replace(tmp, path)
 
 
+def _machine_busy() -> bool:
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
 def load_or_probe(num_threads: int | None = None, dtype_bytes: int = 2, path: Path | None = None,
                   refresh: bool = False, link: LinkProfile | None = None) -> HardwareProfile:
     """This machine's profile from the JSON cache (keyed by hostname, torch version, threads, dtype),
@@ -303,8 +314,13 @@ def load_or_probe(num_threads: int | None = None, dtype_bytes: int = 2, path: Pa
         except (TypeError, KeyError, CspsError):
             profile = None  # stale format: probe again
     if profile is None:
+        busy_before = _machine_busy()
         profile = probe_local(num_threads=num_threads, dtype_bytes=dtype_bytes)
-        save_cached(profile, key, path)
+        if not (busy_before or _machine_busy()):  # a probe taken under load would be wrong forever
+            save_cached(profile, key, path)
+        else:
+            log.warning("the machine is busy (load average above its %d cores): using this probe "
+                        "without caching it", os.cpu_count() or 1)
     if link is not None:
         profile = profile.with_(intra_link=link, inter_link=link)
     return profile

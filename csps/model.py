@@ -154,7 +154,8 @@ class LlamaModel:
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = linear_t(h, layer.qkv_t, layer.qkv_bias)
             # rotate q and k together: one RoPE pass over [T, Hq_l + Hkv_l, D]
-            qk = apply_rope(qkv[:, : self._split[0] + self._split[1]].view(t, -1, d), cos, sin)
+            qk = apply_rope(qkv[:, : self._split[0] + self._split[1]].view(
+                t, self.num_local_heads + self.num_local_kv_heads, d), cos, sin)
             q, k = qk[:, : self.num_local_heads], qk[:, self.num_local_heads :]  # [T, Hq_l, D], [T, Hkv_l, D]
             v = qkv[:, self._split[0] + self._split[1] :].reshape(t, self.num_local_kv_heads, d)
             o = attn(i, q, k, v)  # [T, Hq_l, D]

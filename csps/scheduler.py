@@ -107,11 +107,12 @@ class Scheduler:
         return req.owner_rank
 
     def block_tokens(self, req: Request, rank: int) -> Callable[[int], list[int]]:
-        bs, tokens = self.block_size, req.all_token_ids
+        """Tokens of the request's i-th block on ``rank`` (computed lazily: prompts can be huge)."""
+        bs = self.block_size
         if not self.is_sp(req):
-            return lambda i: tokens[i * bs : (i + 1) * bs]
+            return lambda i: req.token_ids(i * bs, (i + 1) * bs)
         p = self.num_ranks
-        return lambda i: [tokens[kp.local_to_pos(j, rank, p, bs)] for j in range(i * bs, (i + 1) * bs)]
+        return lambda i: [req.token_at(kp.local_to_pos(j, rank, p, bs)) for j in range(i * bs, (i + 1) * bs)]
 
     def placement_key(self, req: Request, rank: int) -> bytes:
         return kp.placement_key(rank, self.num_ranks) if self.is_sp(req) else b""
@@ -316,6 +317,8 @@ class Scheduler:
             if req is None or req.status is not Status.RUNNING:
                 continue
             req.num_computed_tokens = c.start + c.num_tokens
+            if not self.kv.pool.enable_prefix_caching:
+                continue
             for r in self.ranks_of(req):
                 self.kvs[r].cache_full_blocks(req.req_id, self.block_tokens(req, r),
                                               self.local_count(req, r, req.num_computed_tokens),
