@@ -154,16 +154,28 @@ def decode_attention(
     hkv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
     qf = q.float().view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    scores = torch.einsum("bhgd,blhd->bhgl", qf, k.float()) * scale  # [B, Hkv, G, L]
+    kf, vf = k.float(), v.float()
     idx = torch.arange(k.shape[1])
     valid = idx[None, :] < kv_lens[:, None]  # [B, L]
     if sliding_window is not None:
         valid &= idx[None, :] >= kv_lens[:, None] - sliding_window
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
-    has_key = (kv_lens > 0)[:, None, None]
-    safe = torch.where(has_key, lse, 0.0)
-    probs = torch.exp(scores - safe[..., None])
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
-    lse = torch.where(has_key, lse, float("-inf"))
+    has_key = (kv_lens > 0)[:, None]  # [B, 1]
+    if b == 1:  # one sequence: a single einsum pass is cheapest
+        scores = torch.einsum("bhgd,blhd->bhgl", qf, kf) * scale  # [B, Hkv, G, L]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
+        probs = torch.exp(scores - torch.where(has_key[..., None], lse, 0.0)[..., None])
+        out = torch.einsum("bhgl,blhd->bhgd", probs, vf)
+    else:
+        # a batch: one strided bmm pair per KV head reads the gathered [B, L, Hkv, D] cache without
+        # the permuted copy einsum makes (1.7x faster at 8 x 600 tokens)
+        out = q.new_empty(b, hkv, hq // hkv, d, dtype=torch.float32)
+        lse = q.new_empty(b, hkv, hq // hkv, dtype=torch.float32)
+        for h in range(hkv):
+            s = torch.bmm(qf[:, h], kf[:, :, h].transpose(1, 2)).mul_(scale)  # [B, G, L]
+            s.masked_fill_(~valid[:, None, :], float("-inf"))
+            lse[:, h] = torch.logsumexp(s, dim=-1)  # [B, G]
+            s.sub_(torch.where(has_key, lse[:, h], 0.0)[..., None]).exp_()
+            out[:, h] = torch.bmm(s, vf[:, :, h])  # [B, G, D]
+    lse = torch.where(has_key.view(b, 1, 1), lse, float("-inf"))
     return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)

@@ -52,17 +52,20 @@ def test_attention_bf16_close_to_reference():
 
 
 def test_decode_attention_matches_reference():
-    b, L = 3, 40
-    q, k, v = rand(b, 6, 16), rand(b, L, 2, 16), rand(b, L, 2, 16)
-    lens = torch.tensor([40, 17, 1])
-    for window in (None, 8):
-        o, l = decode_attention(q, k, v, lens, sliding_window=window)
-        for i in range(b):
-            n = int(lens[i])
-            # the query is the newest token: its own key is the last cached one
-            ro, rl = attention_ref(q[i : i + 1], k[i, :n], v[i, :n], torch.tensor([n - 1]), torch.arange(n),
-                                   sliding_window=window)
-            assert (o[i] - ro[0]).abs().max() <= 1e-5 and (l[i] - rl[0]).abs().max() <= 1e-5
+    # three batched sequences, a single one (the einsum path), and a sequence with no keys yet
+    for lens in ([40, 17, 1], [23], [0, 40]):
+        b, L = len(lens), 40
+        q, k, v = rand(b, 6, 16), rand(b, L, 2, 16), rand(b, L, 2, 16)
+        for window in (None, 8):
+            o, l = decode_attention(q, k, v, torch.tensor(lens), sliding_window=window)
+            for i, n in enumerate(lens):
+                if n == 0:
+                    assert (o[i] == 0).all() and torch.isneginf(l[i]).all()
+                    continue
+                # the query is the newest token: its own key is the last cached one
+                ro, rl = attention_ref(q[i : i + 1], k[i, :n], v[i, :n], torch.tensor([n - 1]), torch.arange(n),
+                                       sliding_window=window)
+                assert (o[i] - ro[0]).abs().max() <= 1e-5 and (l[i] - rl[0]).abs().max() <= 1e-5
 
 
 def test_merge_of_halves_equals_full_attention_and_is_inf_safe():
