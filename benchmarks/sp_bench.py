@@ -37,12 +37,11 @@ def run_one(model: str, prompt: list[int], params=ONE, **kw) -> dict:
     engine = create_engine(cfg, max_model_len=kw.get("max_model_len"))
     try:
         engine.add_request(prompt, params)
-        peak = [0] * cfg.parallel.sp
         out = None
         while engine.has_unfinished():
             for o in engine.step():
                 out = o
-            peak = [max(a, b) for a, b in zip(peak, engine.stats()["kv_blocks_used"])]
+        peak = engine.stats()["kv_blocks_peak"]  # high-water mark per rank (the last chunk included)
         nbytes: dict[str, int] = {}
         for rec in engine.step_log:
             for k, v in rec.bytes_by_kind.items():

@@ -259,6 +259,7 @@ class Engine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_blocks_used": [p.num_used for p in self.pools],
+            "kv_blocks_peak": [p.peak_used for p in self.pools],
             "kv_blocks_total": [p.num_blocks - 1 for p in self.pools],
             "prefix_cache_hit_rate": self.scheduler.prefix_cache_hit_rate,
         }

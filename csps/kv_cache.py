@@ -36,6 +36,7 @@ class BlockPool:
         self.block_of_hash: dict[bytes, int] = {}
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self.num_evictions = 0
+        self.peak_used = 0  # high-water mark of num_used
 
     @property
     def num_free(self) -> int:
@@ -62,6 +63,7 @@ class BlockPool:
                 self.num_evictions += 1
             self.ref_counts[b] = 1
             out.append(b)
+        self.peak_used = max(self.peak_used, self.num_used)
         return out
 
     def free(self, blocks: list[int]) -> None:

@@ -100,15 +100,15 @@ def attention(
         parts.append(_flash(q, _select(k, seen_by_all), _select(v, seen_by_all), scale))
     if bool(rest.any()):
         k_rest, v_rest, pos_rest = _select(k, rest), _select(v, rest), _select(k_pos, rest)
-        aligned = (
-            sliding_window is None
-            and pos_rest.shape == q_pos.shape
-            and q_max - q_min + 1 == tq
-            and bool(torch.equal(pos_rest, q_pos))
-            and bool((q_pos[1:] > q_pos[:-1]).all())
-        )
-        if aligned:  # the chunk's own keys: plain causal
-            parts.append(_flash(q, k_rest, v_rest, scale, causal=True))
+        q_runs, k_runs = _runs(q_pos), _runs(pos_rest)
+        if sliding_window is None and len(q_runs) * len(k_runs) <= MAX_RUN_PAIRS:
+            # zigzag shards are a few runs of consecutive positions: each (query run, key run) pair is
+            # all visible, causal, or invisible, so the fused kernel runs without a dense mask
+            if len(q_runs) == 1:
+                parts += _run_pairs(q, q_pos, k_rest, v_rest, pos_rest, k_runs, scale)
+            else:
+                out, lse = _attend_runs(q, q_pos, k_rest, v_rest, pos_rest, q_runs, k_runs, scale, parts)
+                return out.to(q.dtype), lse
         else:
             step = max(1, MAX_MASK_ELEMS // tq)
             for s in range(0, pos_rest.shape[0], step):
@@ -179,3 +179,46 @@ def decode_attention(
             out[:, h] = torch.bmm(s, vf[:, :, h])  # [B, G, D]
     lse = torch.where(has_key.view(b, 1, 1), lse, float("-inf"))
     return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)
+
+
+MAX_RUN_PAIRS = 64  # beyond this many (query run, key run) pairs, one masked pass is cheaper
+
+
+def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:
+    """Index ranges [a, b) over which ``pos`` increases by exactly 1 (a zigzag shard has two)."""
+    breaks = ((pos[1:] - pos[:-1]) != 1).nonzero().flatten().tolist()
+    edges = [0] + [b + 1 for b in breaks] + [pos.shape[0]]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _run_pairs(q, q_pos, k, v, k_pos, k_runs, scale) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Partial (out, lse) of one run of consecutive query positions over each key run it can see."""
+    # q: [Tq, Hq, D] with q_pos consecutive; k/v: [Tk, Hkv, D]; k_runs: index ranges of consecutive k_pos
+    q_lo, q_hi = int(q_pos[0]), int(q_pos[-1])
+    parts = []
+    for a, b in k_runs:
+        k_lo, k_hi = int(k_pos[a]), int(k_pos[b - 1])
+        if k_lo > q_hi:
+            continue  # every key after every query
+        if k_hi < q_lo:
+            parts.append(_flash(q, k[a:b], v[a:b], scale))
+        elif k_lo == q_lo and k_hi == q_hi:
+            parts.append(_flash(q, k[a:b], v[a:b], scale, causal=True))
+        else:
+            mask = visibility_mask(q_pos, k_pos[a:b], None)
+            parts.append(_flash(q, k[a:b], v[a:b], scale, mask=mask))
+    return parts
+
+
+def _attend_runs(q, q_pos, k, v, k_pos, q_runs, k_runs, scale, shared):
+    """Attention per query run, merged with the ``shared`` parts (keys every query sees) row-wise."""
+    tq, hq, d = q.shape
+    out = torch.zeros(tq, hq, d, dtype=torch.float32)
+    lse = torch.full((tq, hq), float("-inf"))
+    for a, b in q_runs:
+        parts = [(o[a:b], l[a:b]) for o, l in shared]
+        parts += _run_pairs(q[a:b], q_pos[a:b], k, v, k_pos, k_runs, scale)
+        if parts:
+            o, l = merge_many([o for o, _ in parts], [l for _, l in parts])
+            out[a:b], lse[a:b] = o.float(), l
+    return out, lse

@@ -42,6 +42,23 @@ def test_attention_with_scattered_positions_and_empty_rows():
     assert not torch.isnan(o).any()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_attention_over_zigzag_runs_matches_reference(rank):
+    # a rank's zigzag share of a 64-token chunk on top of 40 cached tokens (P = 2: pieces of 16), over
+    # keys of its own share, the other rank's share and the cache (runs: all visible, causal, invisible,
+    # partly visible)
+    piece = lambda i: torch.arange(40 + 16 * i, 56 + 16 * i)  # noqa: E731
+    qp = torch.cat([piece(rank), piece(3 - rank)])
+    for kp in (qp, torch.cat([piece(1 - rank), piece(2 + rank)]), torch.cat([torch.arange(40), qp]),
+               torch.cat([torch.arange(30, 50), piece(3 - rank)])):
+        q, k, v = rand(32, 6, 16), rand(kp.shape[0], 2, 16), rand(kp.shape[0], 2, 16)
+        o, l = attention(q, k, v, qp, kp)
+        ro, rl = attention_ref(q, k, v, qp, kp)
+        empty = torch.isinf(rl)
+        assert torch.equal(torch.isinf(l), empty)
+        assert (o - ro).abs().max() <= 1e-5 and (l[~empty] - rl[~empty]).abs().max() <= 1e-5
+
+
 def test_attention_bf16_close_to_reference():
     q, k, v = rand(32, 6, 64).bfloat16(), rand(96, 2, 64).bfloat16(), rand(96, 2, 64).bfloat16()
     qp, kp = torch.arange(64, 96), torch.arange(96)
