@@ -5,20 +5,15 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
+from csps.bench_report import git_revision
+from csps.workloads import default_books_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-BOOKS = os.path.join(os.path.dirname(ROOT), "shared", "data", "books")
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+BOOKS = str(default_books_dir())
 
 
 def provenance() -> dict:
@@ -26,7 +21,8 @@ def provenance() -> dict:
 
     from csps.hardware import machine_info
 
-    return {"git": git_revision(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    git = git_revision()
+    return {"git": (git["revision"] or "unknown")[:7], "git_dirty": git["dirty"], "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": machine_info(), "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 

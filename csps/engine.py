@@ -45,10 +45,6 @@ class StepRecord:
     num_seqs: int
     num_preempted: int
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
-    # the step's shape, for the cost model: (new tokens, cached tokens, SP degree) per prefill chunk
-    # and (context length, SP degree) per decode
-    prefill_chunks: list[tuple[int, int, int]] = field(default_factory=list)
-    decode_contexts: list[tuple[int, int]] = field(default_factory=list)
 
 
 def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int) -> int:
@@ -215,12 +211,9 @@ class Engine:
         self.scheduler.complete_step(out)
         outputs = self._process_samples(out, logits)
         t1 = time.perf_counter()
-        p = self.num_sp_ranks
-        self.step_log.append(StepRecord(
-            out.step_id, t0, t1 - t0, out.num_prefill_tokens, out.num_decode_tokens, len(out.chunks),
-            len(out.preempted), self.step_bytes(),
-            prefill_chunks=[(c.num_tokens, c.start, p if c.sp else 1) for c in out.chunks if not c.is_decode],
-            decode_contexts=[(c.start + 1, p if c.sp else 1) for c in out.chunks if c.is_decode]))
+        self.step_log.append(StepRecord(out.step_id, t0, t1 - t0, out.num_prefill_tokens,
+                                        out.num_decode_tokens, len(out.chunks), len(out.preempted),
+                                        self.step_bytes()))
         return outputs
 
     def step_bytes(self) -> dict[str, int]:

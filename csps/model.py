@@ -61,8 +61,8 @@ class TPShard:
 
 @dataclass
 class Layer:
-    """One decoder layer's weights, stored transposed ([in, out]): on CPU ``x @ w_t`` runs the
-    faster GEMV/GEMM path (the vocabulary projection of a single token takes 6.6 ms instead of 10.2)."""
+    """One decoder layer's weights, stored transposed ([in, out]): on CPU ``x @ w_t`` takes MKL's faster
+    GEMV path for one token (``benchmarks/cpu_kernels.py head``: 1 row, 6 ms instead of 10)."""
 
     input_norm: torch.Tensor
     qkv_t: torch.Tensor  # [H, (Hq_l + 2·Hkv_l)·D]
@@ -73,7 +73,7 @@ class Layer:
     down_t: torch.Tensor  # [I_l, H]
 
 
-# rows for which the vocabulary projection uses the [V, H] layout (measured, benchmarks/README.md)
+# rows for which the vocabulary projection uses the [V, H] layout (``benchmarks/cpu_kernels.py head``)
 LM_HEAD_ROWS_NATURAL = (2, 256)
 
 
@@ -176,6 +176,6 @@ class LlamaModel:
         """hidden: [N, H] (rows to sample) -> logits [N, V] in fp32."""
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
         if LM_HEAD_ROWS_NATURAL[0] <= h.shape[0] <= LM_HEAD_ROWS_NATURAL[1]:
-            # MKL on AVX2: a few rows run 2-4x faster as (W @ h^T)^T than as h @ W^T (8 rows: 12 vs 53 ms)
+            # MKL on AVX2: a few rows run 1.5-3x faster as (W @ h^T)^T than as h @ W^T
             return torch.mm(self.lm_head, h.t()).t().float().contiguous()
         return linear_t(h, self.lm_head_t).float()

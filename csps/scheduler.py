@@ -317,8 +317,6 @@ class Scheduler:
             if req is None or req.status is not Status.RUNNING:
                 continue
             req.num_computed_tokens = c.start + c.num_tokens
-            if not self.kv.pool.enable_prefix_caching:
-                continue
             for r in self.ranks_of(req):
                 self.kvs[r].cache_full_blocks(req.req_id, self.block_tokens(req, r),
                                               self.local_count(req, r, req.num_computed_tokens),

@@ -103,7 +103,7 @@ def test_abort_frees_every_block():
         s.finish(f"r{i}", Status.FINISHED_ABORTED)
     assert s.kv.pool.num_free == free0
     assert not s.kv.tables
-    # the high-water mark remembers what the three requests held: 3 x ceil(44 / 16) blocks at least
+    # the high-water mark remembers what the three requests held: 3 x ceil(40 / 16) blocks at least
     assert s.kv.pool.peak_used >= 9 and s.kv.pool.num_used == 0
 
 

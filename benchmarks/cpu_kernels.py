@@ -1,0 +1,151 @@
+"""The CPU kernel choices behind the engine's fast paths, each measured side by side in one run.
+
+  head    the vocabulary projection (SmolLM2: V = 49,152, H = 576) for 1-256 rows: the [V, H] layout
+          (W @ h^T, used for 2-256 rows) vs the transposed [H, V] copy (h @ W_t, used for 1 row)
+  linear  every linear layer of SmolLM2 for one token (x @ W_t): the weight-streaming part of a decode step
+  zigzag  attention of one rank's zigzag shard (P = 2, 2 x 1,024 queries on top of 8k cached tokens) over
+          its own keys and the other rank's: split into runs of consecutive positions vs one masked pass
+  decode  decode attention over the paged cache (gather + attention), 30 layers, batches 1/8/32 of 560
+          tokens with interleaved block tables
+  step    the engine's decode-only step for SmolLM2 at batches 1/8/32 (512-token prompts)
+
+Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode step]   (~5 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import save, table  # noqa: E402
+
+from csps.kernels import decode_attention  # noqa: E402
+from csps.kernels.paged import gather_kv_padded  # noqa: E402
+from csps.presets import preset_config  # noqa: E402
+
+M = preset_config("smollm2-135m")
+attention_mod = importlib.import_module("csps.kernels.attention")  # the module (the package exports the function)
+
+
+def ms(fn, reps: int = 10) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def bench_head() -> dict:
+    w = torch.randn(M.vocab_size, M.hidden_size)  # [V, H]
+    w_t = w.t().contiguous()  # [H, V]
+    out = {}
+    for rows in (1, 2, 8, 32, 256):
+        h = torch.randn(rows, M.hidden_size)
+        natural = ms(lambda: torch.mm(w, h.t()).t().contiguous())
+        transposed = ms(lambda: h @ w_t)
+        out[rows] = {"natural_ms": natural, "transposed_ms": transposed, "transposed_over_natural": transposed / natural}
+    return out
+
+
+def bench_linear() -> dict:
+    hid, inter, d = M.hidden_size, M.intermediate_size, M.head_dim
+    shapes = [(hid, (M.num_heads + 2 * M.num_kv_heads) * d), (M.num_heads * d, hid), (hid, 2 * inter), (inter, hid)]
+    # distinct weights per layer, [in, out] as the model stores them: a decode step streams them all
+    layers = [[torch.randn(i, o) for i, o in shapes] for _ in range(M.num_layers)]
+    w_head = torch.randn(hid, M.vocab_size)
+    x = {i: torch.randn(1, i) for i, _ in shapes}
+    layers_ms = ms(lambda: [x[w.shape[0]] @ w for ws in layers for w in ws])
+    head_ms = ms(lambda: x[hid] @ w_head)
+    return {"layers_ms": layers_ms, "num_layers": M.num_layers, "head_ms": head_ms, "total_ms": layers_ms + head_ms}
+
+
+def bench_zigzag(n: int = 1024, cached: int = 8192) -> dict:
+    piece = lambda i: torch.arange(cached + n * i, cached + n * (i + 1))  # noqa: E731
+    q_pos = torch.cat([piece(0), piece(3)])  # rank 0 of 2: pieces 0 and 3 of the chunk
+    q = torch.randn(2 * n, M.num_heads, M.head_dim)
+    k, v = torch.randn(2 * n, M.num_heads, M.head_dim), torch.randn(2 * n, M.num_heads, M.head_dim)
+    out = {}
+    for name, k_pos in (("own_block", q_pos), ("other_rank_block", torch.cat([piece(1), piece(2)]))):
+        runs = ms(lambda: attention_mod.attention(q, k, v, q_pos, k_pos), reps=3)
+        saved, attention_mod.MAX_RUN_PAIRS = attention_mod.MAX_RUN_PAIRS, 0  # force the single masked pass
+        try:
+            masked = ms(lambda: attention_mod.attention(q, k, v, q_pos, k_pos), reps=3)
+        finally:
+            attention_mod.MAX_RUN_PAIRS = saved
+        out[name] = {"runs_ms": runs, "masked_ms": masked, "masked_over_runs": masked / runs}
+    return out
+
+
+def bench_decode(ctx: int = 560, bs: int = 16) -> dict:
+    nblk = -(-ctx // bs)
+    kc = torch.randn(32 * nblk + 1, bs, M.num_kv_heads, M.head_dim)
+    vc = torch.randn_like(kc)
+    out = {}
+    for b in (1, 8, 32):
+        tables = torch.arange(b * nblk).view(nblk, b).t().contiguous() + 1  # interleaved, as decodes grow
+        lens = torch.full((b,), ctx)
+        q = torch.randn(b, M.num_heads, M.head_dim)
+        gather = ms(lambda: gather_kv_padded(kc, vc, tables))
+        kk, vv = gather_kv_padded(kc, vc, tables)
+        attend = ms(lambda: decode_attention(q, kk, vv, lens))
+        out[b] = {"gather_ms_per_step": gather * M.num_layers, "attention_ms_per_step": attend * M.num_layers}
+    return out
+
+
+def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
+    from csps import LLM, SamplingParams
+
+    llm = LLM("smollm2", token_budget=512, max_num_seqs=64, enable_prefix_caching=False)
+    engine = llm.engine
+    out = {"dtype": engine.config.dtype}
+    for b in (1, 8, 32):
+        # long enough that every request is still decoding once the last prompt is prefilled
+        params = SamplingParams(max_tokens=2 * b + num_decode_steps, temperature=0, ignore_eos=True)
+        for i in range(b):
+            engine.add_request([5 + (i * 7 + j) % 40000 for j in range(prompt_len)], params)
+        first = len(engine.step_log)
+        while engine.has_unfinished():
+            engine.step()
+        steps = [r.duration_s for r in list(engine.step_log)[first:]
+                 if r.num_decode_tokens == b and not r.num_prefill_tokens]
+        out[b] = {"decode_step_ms_median": statistics.median(steps) * 1e3, "steps": len(steps)}
+        print("step", b, out[b], flush=True)
+    llm.shutdown()
+    return out
+
+
+PARTS = {"head": bench_head, "linear": bench_linear, "zigzag": bench_zigzag, "decode": bench_decode,
+         "step": bench_step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("parts", nargs="*", default=list(PARTS), help=" ".join(PARTS))
+    args = ap.parse_args()
+    if unknown := [p for p in args.parts if p not in PARTS]:
+        ap.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
+    res = {}
+    for p in args.parts:
+        res[p] = PARTS[p]()
+        print(p, res[p], flush=True)
+    print("wrote", save("cpu_kernels", {"threads": torch.get_num_threads(), **res}))
+    if "head" in res:
+        print(table([(r, f"{v['natural_ms']:.2f}", f"{v['transposed_ms']:.2f}", f"{v['transposed_over_natural']:.1f}x")
+                     for r, v in res["head"].items()], ("rows", "[V, H] ms", "[H, V] ms", "ratio")))
+    if "zigzag" in res:
+        print(table([(k, f"{v['runs_ms']:.0f}", f"{v['masked_ms']:.0f}", f"{v['masked_over_runs']:.2f}x")
+                     for k, v in res["zigzag"].items()], ("keys", "runs ms", "masked ms", "ratio")))
+    if "decode" in res:
+        print(table([(b, f"{v['gather_ms_per_step']:.0f}", f"{v['attention_ms_per_step']:.0f}")
+                     for b, v in res["decode"].items()], ("batch", "gather ms/step", "attention ms/step")))
+
+
+if __name__ == "__main__":
+    main()
