@@ -3,8 +3,10 @@
   head    the vocabulary projection (SmolLM2: V = 49,152, H = 576) for 1-256 rows: the [V, H] layout
           (W @ h^T, used for 2-256 rows) vs the transposed [H, V] copy (h @ W_t, used for 1 row)
   linear  every linear layer of SmolLM2 for one token (x @ W_t): the weight-streaming part of a decode step
-  zigzag  attention of one rank's zigzag shard (P = 2, 2 x 1,024 queries on top of 8k cached tokens) over
-          its own keys and the other rank's: split into runs of consecutive positions vs one masked pass
+  zigzag  attention of rank 0's zigzag share of a 4,096-token chunk at P = 2 (2,048 queries on top of 8k
+          cached tokens) over the ring's two KV blocks: the engine's placement (pieces of one 16-token KV
+          block: query tiles) and two pieces per rank (runs of consecutive positions), each vs one
+          dense masked pass
   decode  decode attention over the paged cache (gather + attention), 30 layers, batches 1/8/32 of 560
           tokens with interleaved block tables
   step    the engine's decode-only step for SmolLM2 at batches 1/8/32 (512-token prompts)
@@ -66,21 +68,44 @@ def bench_linear() -> dict:
     return {"layers_ms": layers_ms, "num_layers": M.num_layers, "head_ms": head_ms, "total_ms": layers_ms + head_ms}
 
 
-def bench_zigzag(n: int = 1024, cached: int = 8192) -> dict:
-    piece = lambda i: torch.arange(cached + n * i, cached + n * (i + 1))  # noqa: E731
-    q_pos = torch.cat([piece(0), piece(3)])  # rank 0 of 2: pieces 0 and 3 of the chunk
-    q = torch.randn(2 * n, M.num_heads, M.head_dim)
-    k, v = torch.randn(2 * n, M.num_heads, M.head_dim), torch.randn(2 * n, M.num_heads, M.head_dim)
+def _zigzag_case(q_pos, k_pos_by_block, fast: dict, slow: dict) -> dict:
+    """attention() of q_pos over each block of keys with the module settings ``fast`` vs ``slow``."""
+    q = torch.randn(q_pos.shape[0], M.num_heads, M.head_dim)
     out = {}
-    for name, k_pos in (("own_block", q_pos), ("other_rank_block", torch.cat([piece(1), piece(2)]))):
-        runs = ms(lambda: attention_mod.attention(q, k, v, q_pos, k_pos), reps=3)
-        saved, attention_mod.MAX_RUN_PAIRS = attention_mod.MAX_RUN_PAIRS, 0  # force the single masked pass
-        try:
-            masked = ms(lambda: attention_mod.attention(q, k, v, q_pos, k_pos), reps=3)
-        finally:
-            attention_mod.MAX_RUN_PAIRS = saved
-        out[name] = {"runs_ms": runs, "masked_ms": masked, "masked_over_runs": masked / runs}
+    for name, k_pos in k_pos_by_block.items():
+        k, v = torch.randn(k_pos.shape[0], M.num_kv_heads, M.head_dim), torch.randn(k_pos.shape[0], M.num_kv_heads, M.head_dim)
+        timed = {}
+        for label, settings in (("fast", fast), ("slow", slow)):
+            saved = {n: getattr(attention_mod, n) for n in settings}
+            for n, val in settings.items():
+                setattr(attention_mod, n, val)
+            try:
+                timed[label] = ms(lambda: attention_mod.attention(q, k, v, q_pos, k_pos), reps=3)
+            finally:
+                for n, val in saved.items():
+                    setattr(attention_mod, n, val)
+        out[name] = {"fast_ms": timed["fast"], "masked_ms": timed["slow"], "masked_over_fast": timed["slow"] / timed["fast"]}
     return out
+
+
+def bench_zigzag(chunk: int = 4096, cached: int = 8192, block: int = 16) -> dict:
+    from csps import kv_placement as kp
+    from csps.plan import ranges_to_list
+
+    dense = {"MAX_RUN_PAIRS": 0, "Q_TILE": 0}  # one masked pass over the keys not seen by every query
+    # the engine's placement: pieces of one KV block; rank 0's share of the chunk over the ring's two
+    # blocks (each rank's cached share plus its share of the chunk)
+    share = lambda r, a, b: torch.tensor(ranges_to_list(kp.ranges_per_rank(a, b, 2, block)[r]))  # noqa: E731
+    q_pos = share(0, cached, cached + chunk)
+    granular = _zigzag_case(q_pos, {"own_block": share(0, 0, cached + chunk), "other_rank_block": share(1, 0, cached + chunk)},
+                            fast={}, slow=dense)
+    # two pieces per rank (ring-flash-attn's layout): runs of consecutive positions
+    n = chunk // 4
+    piece = lambda i: torch.arange(cached + n * i, cached + n * (i + 1))  # noqa: E731
+    q_pos = torch.cat([piece(0), piece(3)])
+    two = _zigzag_case(q_pos, {"own_block": q_pos, "other_rank_block": torch.cat([piece(1), piece(2)])},
+                       fast={}, slow=dense)
+    return {"granular_block16": granular, "two_pieces": two}
 
 
 def bench_decode(ctx: int = 560, bs: int = 16) -> dict:
@@ -135,13 +160,15 @@ def main() -> None:
     for p in args.parts:
         res[p] = PARTS[p]()
         print(p, res[p], flush=True)
-    print("wrote", save("cpu_kernels", {"threads": torch.get_num_threads(), **res}))
+    name = "cpu_kernels" if set(args.parts) == set(PARTS) else "cpu_kernels_" + "_".join(args.parts)
+    print("wrote", save(name, {"threads": torch.get_num_threads(), **res}))
     if "head" in res:
         print(table([(r, f"{v['natural_ms']:.2f}", f"{v['transposed_ms']:.2f}", f"{v['transposed_over_natural']:.1f}x")
                      for r, v in res["head"].items()], ("rows", "[V, H] ms", "[H, V] ms", "ratio")))
     if "zigzag" in res:
-        print(table([(k, f"{v['runs_ms']:.0f}", f"{v['masked_ms']:.0f}", f"{v['masked_over_runs']:.2f}x")
-                     for k, v in res["zigzag"].items()], ("keys", "runs ms", "masked ms", "ratio")))
+        print(table([(lay, k, f"{v['fast_ms']:.0f}", f"{v['masked_ms']:.0f}", f"{v['masked_over_fast']:.2f}x")
+                     for lay, blocks in res["zigzag"].items() for k, v in blocks.items()],
+                    ("layout", "keys", "tiles/runs ms", "masked ms", "ratio")))
     if "decode" in res:
         print(table([(b, f"{v['gather_ms_per_step']:.0f}", f"{v['attention_ms_per_step']:.0f}")
                      for b, v in res["decode"].items()], ("batch", "gather ms/step", "attention ms/step")))

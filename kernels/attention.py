@@ -102,13 +102,23 @@ def attention(
         k_rest, v_rest, pos_rest = _select(k, rest), _select(v, rest), _select(k_pos, rest)
         q_runs, k_runs = _runs(q_pos), _runs(pos_rest)
         if sliding_window is None and len(q_runs) * len(k_runs) <= MAX_RUN_PAIRS:
-            # zigzag shards are a few runs of consecutive positions: each (query run, key run) pair is
-            # all visible, causal, or invisible, so the fused kernel runs without a dense mask
+            # a zigzag of 2P pieces is a few runs of consecutive positions: each (query run, key run)
+            # pair is all visible, causal, or invisible, so the fused kernel runs without a dense mask
             if len(q_runs) == 1:
                 parts += _run_pairs(q, q_pos, k_rest, v_rest, pos_rest, k_runs, scale)
             else:
-                out, lse = _attend_runs(q, q_pos, k_rest, v_rest, pos_rest, q_runs, k_runs, scale, parts)
+                out, lse = _attend_row_blocks(
+                    q, q_pos, q_runs, parts,
+                    lambda qq, pp: _run_pairs(qq, pp, k_rest, v_rest, pos_rest, k_runs, scale))
                 return out.to(q.dtype), lse
+        elif sliding_window is None and Q_TILE and _is_sorted(pos_rest):
+            # the engine's granular zigzag (pieces of one KV block) has too many runs: take the
+            # queries in tiles; each sees a prefix of the keys whole and masks only the keys that
+            # fall among its own positions
+            tiles = [(a, min(a + Q_TILE, tq)) for a in range(0, tq, Q_TILE)]
+            out, lse = _attend_row_blocks(
+                q, q_pos, tiles, parts, lambda qq, pp: _tile_parts(qq, pp, k_rest, v_rest, pos_rest, scale))
+            return out.to(q.dtype), lse
         else:
             step = max(1, MAX_MASK_ELEMS // tq)
             for s in range(0, pos_rest.shape[0], step):
@@ -181,7 +191,12 @@ def decode_attention(
     return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)
 
 
-MAX_RUN_PAIRS = 64  # beyond this many (query run, key run) pairs, one masked pass is cheaper
+MAX_RUN_PAIRS = 8  # (query run, key run) pairs, each a kernel call; beyond this, tiles (or one masked pass)
+Q_TILE = 256  # queries per tile on the tiled path; 0 disables it (one dense masked pass instead)
+
+
+def _is_sorted(pos: torch.Tensor) -> bool:
+    return bool((pos[1:] >= pos[:-1]).all())
 
 
 def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:
@@ -210,14 +225,35 @@ def _run_pairs(q, q_pos, k, v, k_pos, k_runs, scale) -> list[tuple[torch.Tensor,
     return parts
 
 
-def _attend_runs(q, q_pos, k, v, k_pos, q_runs, k_runs, scale, shared):
-    """Attention per query run, merged with the ``shared`` parts (keys every query sees) row-wise."""
+def _tile_parts(q, q_pos, k, v, k_pos, scale) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Partial (out, lse) of a tile of queries over keys sorted by position.
+
+    Keys before the tile's first position are all visible (one unmasked call); keys between its
+    first and last positions get a 0/-inf mask; later keys are invisible and skipped. A tile of T
+    sorted queries therefore masks about T keys per rank's block instead of all of them.
+    """
+    # q: [T, Hq, D], q_pos: [T]; k/v: [Tk, Hkv, D], k_pos: [Tk] ascending
+    q_lo, q_hi = int(q_pos.min()), int(q_pos.max())
+    i0 = int(torch.searchsorted(k_pos, q_lo))  # keys < q_lo
+    i1 = int(torch.searchsorted(k_pos, q_hi, right=True))  # keys <= q_hi
+    parts = []
+    if i0:
+        parts.append(_flash(q, k[:i0], v[:i0], scale))
+    if i1 > i0:
+        mask = visibility_mask(q_pos, k_pos[i0:i1], None)
+        parts.append(_flash(q, k[i0:i1], v[i0:i1], scale, mask=mask))
+    return parts
+
+
+def _attend_row_blocks(q, q_pos, row_ranges, shared, parts_fn):
+    """Attention per block of query rows ``[a, b)``: ``parts_fn(q[a:b], q_pos[a:b])`` gives its
+    partial results, merged with the ``shared`` parts (keys every query sees) row-wise."""
     tq, hq, d = q.shape
     out = torch.zeros(tq, hq, d, dtype=torch.float32)
     lse = torch.full((tq, hq), float("-inf"))
-    for a, b in q_runs:
+    for a, b in row_ranges:
         parts = [(o[a:b], l[a:b]) for o, l in shared]
-        parts += _run_pairs(q[a:b], q_pos[a:b], k, v, k_pos, k_runs, scale)
+        parts += parts_fn(q[a:b], q_pos[a:b])
         if parts:
             o, l = merge_many([o for o, _ in parts], [l for _, l in parts])
             out[a:b], lse[a:b] = o.float(), l

@@ -59,6 +59,31 @@ def test_attention_over_zigzag_runs_matches_reference(rank):
         assert (o - ro).abs().max() <= 1e-5 and (l[~empty] - rl[~empty]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("rank,q_tile", [(0, 8), (1, 8), (1, 0), (0, 1000)])
+def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, monkeypatch):
+    # the engine's placement: pieces of one KV block (granule 4 here), a 64-token chunk on top of 37
+    # cached tokens at P = 2, so a rank's share has many runs; over its own share, the other rank's
+    # share and its cached KV plus its share; tiles of 8 queries, none (dense mask), or one tile
+    import importlib
+
+    from csps import kv_placement as kp
+    from csps.plan import ranges_to_list
+
+    attention_mod = importlib.import_module("csps.kernels.attention")  # the package re-exports the function
+
+    monkeypatch.setattr(attention_mod, "Q_TILE", q_tile)
+    share = lambda r, a, b: torch.tensor(ranges_to_list(kp.ranges_per_rank(a, b, 2, 4)[r]))  # noqa: E731
+    qp = share(rank, 37, 101)
+    assert len(attention_mod._runs(qp)) ** 2 > attention_mod.MAX_RUN_PAIRS  # not the few-runs path
+    for kpos in (qp, share(1 - rank, 37, 101), share(rank, 0, 101)):
+        q, k, v = rand(qp.shape[0], 6, 16), rand(kpos.shape[0], 2, 16), rand(kpos.shape[0], 2, 16)
+        o, l = attention(q, k, v, qp, kpos)
+        ro, rl = attention_ref(q, k, v, qp, kpos)
+        empty = torch.isinf(rl)
+        assert torch.equal(torch.isinf(l), empty)
+        assert (o - ro).abs().max() <= 1e-5 and (l[~empty] - rl[~empty]).abs().max() <= 1e-5
+
+
 def test_attention_bf16_close_to_reference():
     q, k, v = rand(32, 6, 64).bfloat16(), rand(96, 2, 64).bfloat16(), rand(96, 2, 64).bfloat16()
     qp, kp = torch.arange(64, 96), torch.arange(96)
