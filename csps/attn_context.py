@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csps.kernels import attention, decode_attention, decode_attention_one
+from csps.kernels import attention, decode_attention, decode_attention_one, merge_many
 from csps.kernels.paged import gather_kv, gather_kv_padded, write_kv
 from csps.plan import SeqWork, ranges_to_list
 
@@ -45,6 +45,24 @@ def consecutive(block_ids: list[int]) -> tuple[int, int] | None:
     return None
 
 
+def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """(first block, count) of each run of consecutive block ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+# A decode in a batch reads the cache in place, one fused call per run of consecutive blocks, when
+# its context is long and its runs are long (prefill allocates a chunk's blocks together): copying
+# its KV into the padded batch would cost more than the calls (benchmarks/cpu_kernels.py decode_long).
+IN_PLACE_MIN_TOKENS = 1024
+IN_PLACE_MIN_RUN_TOKENS = 256
+
+
 @dataclass
 class _Prefill:
     rows: slice
@@ -68,14 +86,25 @@ class LocalAttention:
         slots: list[int] = []
         decode_rows, tables, lens = [], [], []
         self.prefills: list[_Prefill] = []
+        # decodes read in place: (row, runs of blocks, num_kv); CPU fp32 only (see decode_attention_one;
+        # CUDA has flash-attn's paged decode)
+        self.decodes_in_place: list[tuple[int, list[tuple[int, int]], int]] = []
+        in_place_ok = (bool(cache.k) and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu"
+                       and sliding_window is None)
         row = 0
         for s in seqs:
             slots.extend(slots_for(s, bs))
             n = s.num_tokens
             if s.is_decode and s.kv_pos is None:
-                decode_rows.append(row)
-                tables.append(s.block_ids[: -(-s.num_kv // bs)])
-                lens.append(s.num_kv)
+                table = s.block_ids[: -(-s.num_kv // bs)]
+                runs = block_runs(table)
+                if (in_place_ok and s.num_kv >= IN_PLACE_MIN_TOKENS
+                        and s.num_kv >= IN_PLACE_MIN_RUN_TOKENS * len(runs)):
+                    self.decodes_in_place.append((row, runs, s.num_kv))
+                else:
+                    decode_rows.append(row)
+                    tables.append(table)
+                    lens.append(s.num_kv)
             else:
                 q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
                 k_pos = (torch.arange(s.num_kv) if s.kv_pos is None
@@ -139,8 +168,22 @@ class LocalAttention:
                 o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
                                         self.decode_lens, self.scale, self.window)
             out[self.decode_rows] = o
+        for row, runs, num_kv in self.decodes_in_place:
+            out[row] = self._decode_in_place(layer, q[row], runs, num_kv)
         for p in self.prefills:
             kk, vv = self.prefill_kv(layer, p, k, v)
             o, _ = attention(q[p.rows], self._expand(kk), self._expand(vv), p.q_pos, p.k_pos,
                              self.scale, self.window)
             out[p.rows] = o
+
+    def _decode_in_place(self, layer: int, q: torch.Tensor, runs: list[tuple[int, int]], num_kv: int) -> torch.Tensor:
+        """One decode over its cached KV read in place: a fused call per run of blocks, merged by LSE."""
+        # q: [Hq_l, D] -> out [Hq_l, D]
+        outs, lses, left = [], [], num_kv
+        for b0, n in runs:
+            kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[:left] for c in (self.cache.k, self.cache.v))
+            o, lse = decode_attention_one(q, self._expand(kc), self._expand(vc), self.scale)
+            outs.append(o[None])
+            lses.append(lse[None])
+            left -= kc.shape[0]
+        return merge_many(outs, lses)[0][0]

@@ -182,3 +182,30 @@ def test_paged_write_and_gather_roundtrip():
     assert torch.equal(gk, k) and torch.equal(gv, v)
     pk, _ = gather_kv_padded(kc, vc, torch.tensor([[3, 1, 5], [1, 0, 0]]))
     assert pk.shape == (2, 12, 2, 8) and torch.equal(pk[0, :10], k) and (pk[1, 4:] == 0).all()
+
+
+def test_batched_decodes_read_long_runs_in_place():
+    # three decodes in one step: a long context in runs of 20 blocks (read in place, a call per run),
+    # a long context in single interleaved blocks and a short one (both gathered into the padded batch)
+    from csps.attn_context import KVCacheTensors, LocalAttention, block_runs
+    from csps.plan import SeqWork
+
+    bs, hq, hkv, d = 16, 6, 2, 16
+    cache = KVCacheTensors(1, 400, bs, hkv, d, torch.float32)
+    cache.k[0].copy_(rand(400, bs, hkv, d))
+    cache.v[0].copy_(rand(400, bs, hkv, d))
+    runs_table = [b for start in (300, 10, 200, 120) for b in range(start, start + 20)][:69]  # 1,100 tokens
+    interleaved = list(range(31, 31 + 2 * 69, 2))[:69]
+    lens = [1100, 1100, 100]
+    tables = [runs_table, interleaved, list(range(250, 257))]
+    seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(n - 1, n)], block_ids=t, num_kv_before=n - 1, is_decode=True)
+            for i, (n, t) in enumerate(zip(lens, tables))]
+    q, k_new, v_new = rand(3, hq, d), rand(3, hkv, d), rand(3, hkv, d)
+    attn = LocalAttention(seqs, cache, scale=d**-0.5)
+    assert [r for r, _, _ in attn.decodes_in_place] == [0] and len(block_runs(runs_table)) == 4
+    out = attn(0, q, k_new, v_new)
+    for i, (n, t) in enumerate(zip(lens, tables)):
+        kk = cache.k[0][t].flatten(0, 1)[:n]  # read after the step wrote the new token
+        vv = cache.v[0][t].flatten(0, 1)[:n]
+        ro, _ = attention_ref(q[i : i + 1], kk, vv, torch.tensor([n - 1]), torch.arange(n))
+        assert (out[i] - ro[0]).abs().max() <= 1e-5
