@@ -4,14 +4,16 @@
           (W @ h^T, used for 2-256 rows) vs the transposed [H, V] copy (h @ W_t, used for 1 row)
   linear  every linear layer of SmolLM2 for one token (x @ W_t): the weight-streaming part of a decode step
   zigzag  attention of rank 0's zigzag share of a 4,096-token chunk at P = 2 (2,048 queries on top of 8k
-          cached tokens) over the ring's two KV blocks: the engine's placement (pieces of one 16-token KV
-          block: query tiles) and two pieces per rank (runs of consecutive positions), each vs one
-          dense masked pass
+          cached tokens, 1 thread) over the ring's KV blocks: the engine's placement (pieces of one
+          16-token KV block: query tiles, and a sweep of the tile size) and two pieces per rank (runs of
+          consecutive positions), each vs one dense masked pass
   decode  decode attention over the paged cache (gather + attention), 30 layers, batches 1/8/32 of 560
           tokens with interleaved block tables
+  decode_long  decode attention of batches 1/4/8 at 8k context with blocks in runs of 32, 30 layers: read in
+          place (a fused call per run of blocks) vs gathered into the padded batch
   step    the engine's decode-only step for SmolLM2 at batches 1/8/32 (512-token prompts)
 
-Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode step]   (~5 min)
+Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long step]   (~6 min)
 """
 
 from __future__ import annotations
@@ -89,23 +91,32 @@ def _zigzag_case(q_pos, k_pos_by_block, fast: dict, slow: dict) -> dict:
 
 
 def bench_zigzag(chunk: int = 4096, cached: int = 8192, block: int = 16) -> dict:
+    """One thread, as each rank of SP 2 on this 2-core machine runs."""
     from csps import kv_placement as kp
     from csps.plan import ranges_to_list
 
-    dense = {"MAX_RUN_PAIRS": 0, "Q_TILE": 0}  # one masked pass over the keys not seen by every query
-    # the engine's placement: pieces of one KV block; rank 0's share of the chunk over the ring's two
-    # blocks (each rank's cached share plus its share of the chunk)
-    share = lambda r, a, b: torch.tensor(ranges_to_list(kp.ranges_per_rank(a, b, 2, block)[r]))  # noqa: E731
-    q_pos = share(0, cached, cached + chunk)
-    granular = _zigzag_case(q_pos, {"own_block": share(0, 0, cached + chunk), "other_rank_block": share(1, 0, cached + chunk)},
-                            fast={}, slow=dense)
-    # two pieces per rank (ring-flash-attn's layout): runs of consecutive positions
-    n = chunk // 4
-    piece = lambda i: torch.arange(cached + n * i, cached + n * (i + 1))  # noqa: E731
-    q_pos = torch.cat([piece(0), piece(3)])
-    two = _zigzag_case(q_pos, {"own_block": q_pos, "other_rank_block": torch.cat([piece(1), piece(2)])},
-                       fast={}, slow=dense)
-    return {"granular_block16": granular, "two_pieces": two}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dense = {"MAX_RUN_PAIRS": 0, "Q_TILE": 0}  # one masked pass over the keys not seen by every query
+        # the engine's placement: pieces of one KV block; rank 0's share of the chunk over the ring's two
+        # blocks: the chunk's keys only, and with the rank's cached share (seen whole by every query)
+        share = lambda r, a, b: torch.tensor(ranges_to_list(kp.ranges_per_rank(a, b, 2, block)[r]))  # noqa: E731
+        q_pos = share(0, cached, cached + chunk)
+        blocks = {"own_share": share(0, cached, cached + chunk), "other_share": share(1, cached, cached + chunk),
+                  "own_share_and_cache": share(0, 0, cached + chunk)}
+        granular = _zigzag_case(q_pos, blocks, fast={}, slow=dense)
+        sweep = {t: _zigzag_case(q_pos, {"own_share": blocks["own_share"]}, fast={"Q_TILE": t}, slow=dense)
+                 ["own_share"]["fast_ms"] for t in (64, 128, 256, 512, 1024)}
+        # two pieces per rank (ring-flash-attn's layout): runs of consecutive positions
+        n = chunk // 4
+        piece = lambda i: torch.arange(cached + n * i, cached + n * (i + 1))  # noqa: E731
+        q_pos = torch.cat([piece(0), piece(3)])
+        two = _zigzag_case(q_pos, {"own_share": q_pos, "other_share": torch.cat([piece(1), piece(2)])},
+                           fast={}, slow=dense)
+    finally:
+        torch.set_num_threads(threads)
+    return {"granular_block16": granular, "two_pieces": two, "q_tile_sweep_ms": sweep, "threads": 1}
 
 
 def bench_decode(ctx: int = 560, bs: int = 16) -> dict:
@@ -121,6 +132,40 @@ def bench_decode(ctx: int = 560, bs: int = 16) -> dict:
         kk, vv = gather_kv_padded(kc, vc, tables)
         attend = ms(lambda: decode_attention(q, kk, vv, lens))
         out[b] = {"gather_ms_per_step": gather * M.num_layers, "attention_ms_per_step": attend * M.num_layers}
+    return out
+
+
+def bench_decode_long(ctx: int = 8192, bs: int = 16, run_blocks: int = 32) -> dict:
+    """Decodes of long contexts whose blocks come in runs of ``run_blocks`` (a 512-token prefill chunk
+    allocates 32 blocks together): read in place (a fused call per run) vs gathered into the padded batch."""
+    from csps import attn_context
+    from csps.attn_context import KVCacheTensors, LocalAttention
+    from csps.plan import SeqWork
+
+    nblk = -(-ctx // bs)
+    out = {}
+    for b in (1, 4, 8):
+        num_blocks = b * nblk + run_blocks + 1
+        cache = KVCacheTensors(1, num_blocks, bs, M.num_kv_heads, M.head_dim, torch.float32)
+        cache.k[0].normal_()
+        cache.v[0].normal_()
+        # request i's j-th run of blocks sits after the j-th runs of requests 0..i-1 (interleaved chunks)
+        tables = [[1 + (j * b + i) * run_blocks + x for j in range(-(-nblk // run_blocks)) for x in range(run_blocks)][:nblk]
+                  for i in range(b)]
+        seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(ctx - 1, ctx)], block_ids=t, num_kv_before=ctx - 1,
+                        is_decode=True) for i, t in enumerate(tables)]
+        q = torch.randn(b, M.num_heads, M.head_dim)
+        k, v = torch.randn(b, M.num_kv_heads, M.head_dim), torch.randn(b, M.num_kv_heads, M.head_dim)
+        timed = {}
+        for label, min_tokens in (("in_place", attn_context.IN_PLACE_MIN_TOKENS), ("gathered", 1 << 62)):
+            saved, attn_context.IN_PLACE_MIN_TOKENS = attn_context.IN_PLACE_MIN_TOKENS, min_tokens
+            try:
+                attn = LocalAttention(seqs, cache, scale=M.head_dim**-0.5)
+                timed[label] = ms(lambda: attn(0, q, k, v), reps=5) * M.num_layers
+            finally:
+                attn_context.IN_PLACE_MIN_TOKENS = saved
+        out[b] = {"in_place_ms_per_step": timed["in_place"], "gathered_ms_per_step": timed["gathered"],
+                  "gathered_over_in_place": timed["gathered"] / timed["in_place"]}
     return out
 
 
@@ -147,6 +192,7 @@ def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
 
 
 PARTS = {"head": bench_head, "linear": bench_linear, "zigzag": bench_zigzag, "decode": bench_decode,
+         "decode_long": bench_decode_long,
          "step": bench_step}
 
 
@@ -167,8 +213,14 @@ def main() -> None:
                      for r, v in res["head"].items()], ("rows", "[V, H] ms", "[H, V] ms", "ratio")))
     if "zigzag" in res:
         print(table([(lay, k, f"{v['fast_ms']:.0f}", f"{v['masked_ms']:.0f}", f"{v['masked_over_fast']:.2f}x")
-                     for lay, blocks in res["zigzag"].items() for k, v in blocks.items()],
+                     for lay, blocks in res["zigzag"].items() if lay in ("granular_block16", "two_pieces")
+                     for k, v in blocks.items()],
                     ("layout", "keys", "tiles/runs ms", "masked ms", "ratio")))
+        print(table([(t, f"{v:.0f}") for t, v in res["zigzag"]["q_tile_sweep_ms"].items()], ("Q_TILE", "own share ms")))
+    if "decode_long" in res:
+        print(table([(b, f"{v['in_place_ms_per_step']:.0f}", f"{v['gathered_ms_per_step']:.0f}",
+                      f"{v['gathered_over_in_place']:.2f}x") for b, v in res["decode_long"].items()],
+                    ("batch", "in place ms/step", "gathered ms/step", "ratio")))
     if "decode" in res:
         print(table([(b, f"{v['gather_ms_per_step']:.0f}", f"{v['attention_ms_per_step']:.0f}")
                      for b, v in res["decode"].items()], ("batch", "gather ms/step", "attention ms/step")))
