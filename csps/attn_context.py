@@ -2,8 +2,9 @@
 
 Built once per step from the rank's ``SeqWork`` list, then called by every layer as
 ``attn(layer, q, k, v) -> out``: it writes the new K/V into the cache (slot mapping), runs the
-batched fp32 decode attention for one-token sequences and the chunked-prefill attention (chunk on
-top of cached KV) for the others. Every call returns only ``out``; ``partial`` exposes
+batched fp32 decode attention for one-token sequences (long contexts in long runs of blocks read
+the cache in place instead, a fused call per run) and the chunked-prefill attention (chunk on top
+of cached KV) for the others. Every call returns only ``out``; ``partial`` exposes
 ``(out, lse)`` for the sequence-parallel wrappers.
 """
 
@@ -57,8 +58,9 @@ def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
 
 
 # A decode in a batch reads the cache in place, one fused call per run of consecutive blocks, when
-# its context is long and its runs are long (prefill allocates a chunk's blocks together): copying
-# its KV into the padded batch would cost more than the calls (benchmarks/cpu_kernels.py decode_long).
+# its context is long and its runs hold at least IN_PLACE_MIN_RUN_TOKENS on average (prefill
+# allocates a chunk's blocks together): copying its KV into the padded batch would cost more than
+# the calls (benchmarks/cpu_kernels.py decode_long).
 IN_PLACE_MIN_TOKENS = 1024
 IN_PLACE_MIN_RUN_TOKENS = 256
 

@@ -5,7 +5,11 @@ top-left aligned, which is wrong for a chunk on top of cached KV (docs/platform.
 are split by position into
   * keys every query sees (position below every query position): no mask at all;
   * keys whose positions equal the query positions (the chunk's own tokens): ``is_causal``;
-  * anything else (zigzag shards, sliding windows): an additive 0/-inf mask, in blocks;
+  * the rest, for queries and keys at a few runs of consecutive positions (a zigzag of 2P pieces):
+    per (query run, key run) pair, all visible, causal or skipped, still without a mask;
+  * for many runs (the engine's zigzag in pieces of one KV block): query tiles, each seeing the
+    keys below its lowest position unmasked and masking only the keys within its position span;
+  * anything else (sliding windows, unsorted keys): an additive 0/-inf mask, in blocks;
 and the parts are merged exactly by LSE. ``attention_ref`` in ``attention_ref.py`` is the oracle.
 
 Decode (one query per sequence over a paged cache) runs batched in fp32: on this CPU, bf16
@@ -120,10 +124,7 @@ def attention(
                 q, q_pos, tiles, parts, lambda qq, pp: _tile_parts(qq, pp, k_rest, v_rest, pos_rest, scale))
             return out.to(q.dtype), lse
         else:
-            step = max(1, MAX_MASK_ELEMS // tq)
-            for s in range(0, pos_rest.shape[0], step):
-                mask = visibility_mask(q_pos, pos_rest[s : s + step], sliding_window)
-                parts.append(_flash(q, k_rest[s : s + step], v_rest[s : s + step], scale, mask=mask))
+            parts += _masked_parts(q, q_pos, k_rest, v_rest, pos_rest, scale, sliding_window)
     if not parts:
         return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"))
     return merge_many([o for o, _ in parts], [lse for _, lse in parts])
@@ -191,7 +192,7 @@ def decode_attention(
     return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)
 
 
-MAX_RUN_PAIRS = 8  # (query run, key run) pairs, each a kernel call; beyond this, tiles (or one masked pass)
+MAX_RUN_PAIRS = 8  # (query run, key run) pairs, each a kernel call; beyond this, tiles (unsorted keys: masks)
 Q_TILE = 256  # queries per tile on the tiled path; 0 disables it (one dense masked pass instead)
 
 
@@ -228,9 +229,9 @@ def _run_pairs(q, q_pos, k, v, k_pos, k_runs, scale) -> list[tuple[torch.Tensor,
 def _tile_parts(q, q_pos, k, v, k_pos, scale) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Partial (out, lse) of a tile of queries over keys sorted by position.
 
-    Keys before the tile's first position are all visible (one unmasked call); keys between its
-    first and last positions get a 0/-inf mask; later keys are invisible and skipped. A tile of T
-    sorted queries therefore masks about T keys per rank's block instead of all of them.
+    Keys below the tile's lowest position are all visible (one unmasked call); keys within its
+    position span get a 0/-inf mask; later keys are invisible and skipped. A tile of T sorted
+    queries of a zigzag share therefore masks only the keys within a span of ~P·T positions.
     """
     # q: [T, Hq, D], q_pos: [T]; k/v: [Tk, Hkv, D], k_pos: [Tk] ascending
     q_lo, q_hi = int(q_pos.min()), int(q_pos.max())
@@ -240,8 +241,18 @@ def _tile_parts(q, q_pos, k, v, k_pos, scale) -> list[tuple[torch.Tensor, torch.
     if i0:
         parts.append(_flash(q, k[:i0], v[:i0], scale))
     if i1 > i0:
-        mask = visibility_mask(q_pos, k_pos[i0:i1], None)
-        parts.append(_flash(q, k[i0:i1], v[i0:i1], scale, mask=mask))
+        parts += _masked_parts(q, q_pos, k[i0:i1], v[i0:i1], k_pos[i0:i1], scale, None)
+    return parts
+
+
+def _masked_parts(q, q_pos, k, v, k_pos, scale, sliding_window) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Partial (out, lse) over keys with a dense 0/-inf mask, in blocks of keys so a mask stays
+    under ``MAX_MASK_ELEMS`` elements."""
+    step = max(1, MAX_MASK_ELEMS // max(1, q.shape[0]))
+    parts = []
+    for s in range(0, k_pos.shape[0], step):
+        mask = visibility_mask(q_pos, k_pos[s : s + step], sliding_window)
+        parts.append(_flash(q, k[s : s + step], v[s : s + step], scale, mask=mask))
     return parts
 
 

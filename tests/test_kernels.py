@@ -59,8 +59,9 @@ def test_attention_over_zigzag_runs_matches_reference(rank):
         assert (o - ro).abs().max() <= 1e-5 and (l[~empty] - rl[~empty]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("rank,q_tile", [(0, 8), (1, 8), (1, 0), (0, 1000)])
-def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, monkeypatch):
+@pytest.mark.parametrize("rank,q_tile,dtype", [(0, 8, torch.float32), (1, 8, torch.float32), (1, 0, torch.float32),
+                                               (0, 1000, torch.float32), (1, 8, torch.bfloat16)])
+def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, dtype, monkeypatch):
     # the engine's placement: pieces of one KV block (granule 4 here), a 64-token chunk on top of 37
     # cached tokens at P = 2, so a rank's share has many runs; over its own share, the other rank's
     # share and its cached KV plus its share; tiles of 8 queries, none (dense mask), or one tile
@@ -75,13 +76,15 @@ def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, monkeypa
     share = lambda r, a, b: torch.tensor(ranges_to_list(kp.ranges_per_rank(a, b, 2, 4)[r]))  # noqa: E731
     qp = share(rank, 37, 101)
     assert len(attention_mod._runs(qp)) ** 2 > attention_mod.MAX_RUN_PAIRS  # not the few-runs path
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     for kpos in (qp, share(1 - rank, 37, 101), share(rank, 0, 101)):
-        q, k, v = rand(qp.shape[0], 6, 16), rand(kpos.shape[0], 2, 16), rand(kpos.shape[0], 2, 16)
+        q, k, v = (rand(n, h, 16).to(dtype) for n, h in ((qp.shape[0], 6), (kpos.shape[0], 2), (kpos.shape[0], 2)))
         o, l = attention(q, k, v, qp, kpos)
         ro, rl = attention_ref(q, k, v, qp, kpos)
         empty = torch.isinf(rl)
+        assert o.dtype == dtype and l.dtype == torch.float32
         assert torch.equal(torch.isinf(l), empty)
-        assert (o - ro).abs().max() <= 1e-5 and (l[~empty] - rl[~empty]).abs().max() <= 1e-5
+        assert (o.float() - ro.float()).abs().max() <= tol and (l[~empty] - rl[~empty]).abs().max() <= tol
 
 
 def test_attention_bf16_close_to_reference():
@@ -184,28 +187,35 @@ def test_paged_write_and_gather_roundtrip():
     assert pk.shape == (2, 12, 2, 8) and torch.equal(pk[0, :10], k) and (pk[1, 4:] == 0).all()
 
 
-def test_batched_decodes_read_long_runs_in_place():
-    # three decodes in one step: a long context in runs of 20 blocks (read in place, a call per run),
-    # a long context in single interleaved blocks and a short one (both gathered into the padded batch)
+@pytest.mark.parametrize("kv_head_map", [None, [0, 0, 1]])
+def test_batched_decodes_read_long_runs_in_place(kv_head_map):
+    # four decodes in one step: long contexts in runs of 20 blocks (read in place, a call per run; one
+    # ends inside its last block, one exactly at a block's end), a long context in single interleaved
+    # blocks and a short one (both gathered into the padded batch); also with query heads mapped
+    # unevenly onto local KV heads (a TP rank)
     from csps.attn_context import KVCacheTensors, LocalAttention, block_runs
     from csps.plan import SeqWork
 
-    bs, hq, hkv, d = 16, 6, 2, 16
+    bs, hkv, d = 16, 2, 16
+    hq = 6 if kv_head_map is None else len(kv_head_map)
     cache = KVCacheTensors(1, 400, bs, hkv, d, torch.float32)
     cache.k[0].copy_(rand(400, bs, hkv, d))
     cache.v[0].copy_(rand(400, bs, hkv, d))
     runs_table = [b for start in (300, 10, 200, 120) for b in range(start, start + 20)][:69]  # 1,100 tokens
+    exact_table = [b for start in (340, 60) for b in range(start, start + 32)]  # 1,024 tokens, 64 full blocks
     interleaved = list(range(31, 31 + 2 * 69, 2))[:69]
-    lens = [1100, 1100, 100]
-    tables = [runs_table, interleaved, list(range(250, 257))]
+    lens = [1100, 1024, 1100, 100]
+    tables = [runs_table, exact_table, interleaved, list(range(250, 257))]
     seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(n - 1, n)], block_ids=t, num_kv_before=n - 1, is_decode=True)
             for i, (n, t) in enumerate(zip(lens, tables))]
-    q, k_new, v_new = rand(3, hq, d), rand(3, hkv, d), rand(3, hkv, d)
-    attn = LocalAttention(seqs, cache, scale=d**-0.5)
-    assert [r for r, _, _ in attn.decodes_in_place] == [0] and len(block_runs(runs_table)) == 4
+    q, k_new, v_new = rand(4, hq, d), rand(4, hkv, d), rand(4, hkv, d)
+    attn = LocalAttention(seqs, cache, scale=d**-0.5, kv_head_map=kv_head_map)
+    assert [r for r, _, _ in attn.decodes_in_place] == [0, 1] and len(block_runs(runs_table)) == 4
     out = attn(0, q, k_new, v_new)
     for i, (n, t) in enumerate(zip(lens, tables)):
         kk = cache.k[0][t].flatten(0, 1)[:n]  # read after the step wrote the new token
         vv = cache.v[0][t].flatten(0, 1)[:n]
+        if kv_head_map is not None:
+            kk, vv = kk[:, kv_head_map], vv[:, kv_head_map]
         ro, _ = attention_ref(q[i : i + 1], kk, vv, torch.tensor([n - 1]), torch.arange(n))
         assert (out[i] - ro[0]).abs().max() <= 1e-5
