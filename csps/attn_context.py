@@ -65,6 +65,30 @@ IN_PLACE_MIN_TOKENS = 1024
 IN_PLACE_MIN_RUN_TOKENS = 256
 
 
+def can_read_in_place(cache: "KVCacheTensors", sliding_window: int | None) -> bool:
+    """Per-run fused decode calls need a CPU fp32 cache (see decode_attention_one) and no window."""
+    return (bool(cache.k) and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu"
+            and sliding_window is None)
+
+
+def in_place_runs(block_ids: list[int], num_kv: int, block_size: int) -> list[tuple[int, int]] | None:
+    """The runs of blocks holding a decode's ``num_kv`` tokens, if reading them in place pays."""
+    runs = block_runs(block_ids[: -(-num_kv // block_size)])
+    if num_kv >= IN_PLACE_MIN_TOKENS and num_kv >= IN_PLACE_MIN_RUN_TOKENS * len(runs):
+        return runs
+    return None
+
+
+def run_views(cache: "KVCacheTensors", layer: int, runs: list[tuple[int, int]], num_kv: int):
+    """(first token index, k, v) per run of blocks, views of the cache: k/v [run_tokens, Hkv, D]."""
+    out, start = [], 0
+    for b0, n in runs:
+        kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[: num_kv - start] for c in (cache.k, cache.v))
+        out.append((start, kc, vc))
+        start += kc.shape[0]
+    return out
+
+
 @dataclass
 class _Prefill:
     rows: slice
@@ -91,21 +115,18 @@ class LocalAttention:
         # decodes read in place: (row, runs of blocks, num_kv); CPU fp32 only (see decode_attention_one;
         # CUDA has flash-attn's paged decode)
         self.decodes_in_place: list[tuple[int, list[tuple[int, int]], int]] = []
-        in_place_ok = (bool(cache.k) and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu"
-                       and sliding_window is None)
+        in_place_ok = can_read_in_place(cache, sliding_window)
         row = 0
         for s in seqs:
             slots.extend(slots_for(s, bs))
             n = s.num_tokens
             if s.is_decode and s.kv_pos is None:
-                table = s.block_ids[: -(-s.num_kv // bs)]
-                runs = block_runs(table)
-                if (in_place_ok and s.num_kv >= IN_PLACE_MIN_TOKENS
-                        and s.num_kv >= IN_PLACE_MIN_RUN_TOKENS * len(runs)):
+                runs = in_place_runs(s.block_ids, s.num_kv, bs) if in_place_ok else None
+                if runs is not None:
                     self.decodes_in_place.append((row, runs, s.num_kv))
                 else:
                     decode_rows.append(row)
-                    tables.append(table)
+                    tables.append(s.block_ids[: -(-s.num_kv // bs)])
                     lens.append(s.num_kv)
             else:
                 q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
@@ -181,11 +202,9 @@ class LocalAttention:
     def _decode_in_place(self, layer: int, q: torch.Tensor, runs: list[tuple[int, int]], num_kv: int) -> torch.Tensor:
         """One decode over its cached KV read in place: a fused call per run of blocks, merged by LSE."""
         # q: [Hq_l, D] -> out [Hq_l, D]
-        outs, lses, left = [], [], num_kv
-        for b0, n in runs:
-            kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[:left] for c in (self.cache.k, self.cache.v))
+        outs, lses = [], []
+        for _, kc, vc in run_views(self.cache, layer, runs, num_kv):
             o, lse = decode_attention_one(q, self._expand(kc), self._expand(vc), self.scale)
             outs.append(o[None])
             lses.append(lse[None])
-            left -= kc.shape[0]
         return merge_many(outs, lses)[0][0]

@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from csps.attn_context import KVCacheTensors, LocalAttention, slots_for
-from csps.kernels import attention, merge_attn
+from csps.attn_context import (KVCacheTensors, LocalAttention, can_read_in_place, in_place_runs, run_views,
+                               slots_for)
+from csps.kernels import attention, merge_attn, merge_many
 from csps.kernels.paged import gather_kv, write_kv
 from csps.parallel.comm import Comm
 from csps.parallel.pass_q import pass_q_attention
@@ -71,6 +72,7 @@ class SPAttention:
             slots.append(torch.tensor(slots_for(seq.mine, cache.block_size), dtype=torch.int64))
         self.slots = torch.cat(slots)
         self.decodes = [s for s in self.seqs if s.is_decode]
+        self.in_place_ok = can_read_in_place(cache, sliding_window)
         self.prefills = [s for s in self.seqs if not s.is_decode]
 
     def _attn_fn(self) -> Callable:
@@ -108,14 +110,14 @@ class SPAttention:
         mine = [s for s in self.decodes if s.num_q[me]]
         q_mine = torch.cat([q[s.rows] for s in mine]) if mine else q[:0]
         q_pos_mine = torch.cat([s.q_pos[me] for s in mine]) if mine else torch.zeros(0, dtype=torch.int64)
-        kvs = {id(s): self._local_kv(layer, s, s.work.per_rank[me].num_kv) for s in self.decodes}
+        kvs = {id(s): self._decode_kv(layer, s) for s in self.decodes}
 
         def local_attn(q_all: torch.Tensor, q_pos_all: torch.Tensor):
             outs, lses = [], []
             for i, (_, s) in enumerate(order):
-                kk, vv = kvs[id(s)]
-                o, l = attn_fn(q_all[i : i + 1], kk, vv, q_pos_all[i : i + 1], s.k_pos[me],
-                               scale=self.scale, sliding_window=self.window)
+                parts = [attn_fn(q_all[i : i + 1], kk, vv, q_pos_all[i : i + 1], s.k_pos[me][a : a + kk.shape[0]],
+                                 scale=self.scale, sliding_window=self.window) for a, kk, vv in kvs[id(s)]]
+                o, l = merge_many([o for o, _ in parts], [l for _, l in parts])
                 outs.append(o)
                 lses.append(l)
             if not outs:
@@ -129,6 +131,16 @@ class SPAttention:
         for s in mine:
             out[s.rows] = o[row : row + 1]
             row += 1
+
+    def _decode_kv(self, layer: int, s: _SPSeq) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """This rank's KV of a decoding SP sequence as (first token index, k, v) segments: views of
+        the cache per run of blocks when the context is long and its runs are long (no copy of the
+        whole context every layer and step), else one gathered copy."""
+        num = s.work.per_rank[self.comm.rank].num_kv
+        runs = in_place_runs(s.mine.block_ids, num, self.cache.block_size) if self.in_place_ok else None
+        if runs is not None:
+            return run_views(self.cache, layer, runs, num)
+        return [(0, *self._local_kv(layer, s, num))]
 
     def _prefill(self, layer: int, s: _SPSeq, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  attn_fn: Callable) -> torch.Tensor:

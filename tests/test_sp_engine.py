@@ -80,3 +80,16 @@ def test_ulysses_agrees(weights, reference):
     assert got.tokens == reference.tokens
     assert max_logit_diff(got, reference) <= TOL
     assert got.bytes_by_kind.get("ulysses_a2a", 0) > 0
+
+
+@pytest.mark.parametrize("sp,tp", [(2, 1), (2, 2)])
+def test_long_sp_decode_matches_single_process(weights, sp, tp):
+    # 2,600 prompt tokens: each SP rank holds > 1,024 of them in runs of 32 blocks (a 512-token share of
+    # each 1,024-token chunk), so its pass-Q decodes read the cache in place, a call per run of blocks
+    kw = dict(token_budget=512, num_blocks=512, max_model_len=4096, sp_threshold_tokens=200, enable_prefix_caching=False)
+    workload = [[("long", ids(2600, 9))]]
+    ref = run(weights, workload, **kw)
+    got = run(weights, workload, sp=sp, tp=tp, **kw)
+    assert got.tokens == ref.tokens
+    assert max_logit_diff(got, ref) <= TOL
+    assert got.bytes_by_kind.get("pass_q", 0) > 0
