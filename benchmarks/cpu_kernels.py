@@ -19,11 +19,13 @@ Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -78,14 +80,8 @@ def _zigzag_case(q_pos, k_pos_by_block, fast: dict, slow: dict) -> dict:
         k, v = torch.randn(k_pos.shape[0], M.num_kv_heads, M.head_dim), torch.randn(k_pos.shape[0], M.num_kv_heads, M.head_dim)
         timed = {}
         for label, settings in (("fast", fast), ("slow", slow)):
-            saved = {n: getattr(attention_mod, n) for n in settings}
-            for n, val in settings.items():
-                setattr(attention_mod, n, val)
-            try:
+            with mock.patch.multiple(attention_mod, **settings) if settings else contextlib.nullcontext():
                 timed[label] = ms(lambda: attention_mod.attention(q, k, v, q_pos, k_pos), reps=3)
-            finally:
-                for n, val in saved.items():
-                    setattr(attention_mod, n, val)
         out[name] = {"fast_ms": timed["fast"], "masked_ms": timed["slow"], "masked_over_fast": timed["slow"] / timed["fast"]}
     return out
 
@@ -158,12 +154,9 @@ def bench_decode_long(ctx: int = 8192, bs: int = 16, run_blocks: int = 32) -> di
         k, v = torch.randn(b, M.num_kv_heads, M.head_dim), torch.randn(b, M.num_kv_heads, M.head_dim)
         timed = {}
         for label, min_tokens in (("in_place", attn_context.IN_PLACE_MIN_TOKENS), ("gathered", 1 << 62)):
-            saved, attn_context.IN_PLACE_MIN_TOKENS = attn_context.IN_PLACE_MIN_TOKENS, min_tokens
-            try:
+            with mock.patch.object(attn_context, "IN_PLACE_MIN_TOKENS", min_tokens):
                 attn = LocalAttention(seqs, cache, scale=M.head_dim**-0.5)
-                timed[label] = ms(lambda: attn(0, q, k, v), reps=5) * M.num_layers
-            finally:
-                attn_context.IN_PLACE_MIN_TOKENS = saved
+            timed[label] = ms(lambda: attn(0, q, k, v), reps=5) * M.num_layers
         out[b] = {"in_place_ms_per_step": timed["in_place"], "gathered_ms_per_step": timed["gathered"],
                   "gathered_over_in_place": timed["gathered"] / timed["in_place"]}
     return out

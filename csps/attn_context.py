@@ -39,13 +39,6 @@ def slots_for(seq: SeqWork, block_size: int) -> list[int]:
     return out
 
 
-def consecutive(block_ids: list[int]) -> tuple[int, int] | None:
-    """(first block, count) when the blocks are consecutive ids, so the cache can be read in place."""
-    if block_ids and block_ids == list(range(block_ids[0], block_ids[0] + len(block_ids))):
-        return block_ids[0], len(block_ids)
-    return None
-
-
 def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
     """(first block, count) of each run of consecutive block ids, in order."""
     runs: list[tuple[int, int]] = []
@@ -57,24 +50,30 @@ def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-# A decode in a batch reads the cache in place, one fused call per run of consecutive blocks, when
-# its context is long and its runs hold at least IN_PLACE_MIN_RUN_TOKENS on average (prefill
-# allocates a chunk's blocks together): copying its KV into the padded batch would cost more than
-# the calls (benchmarks/cpu_kernels.py decode_long).
+# A decode reads the cache in place, one fused call per run of consecutive blocks, when it is the
+# step's only decode and its blocks are one run, or when its context is long and its runs hold at
+# least IN_PLACE_MIN_RUN_TOKENS on average (prefill allocates a chunk's blocks together): copying
+# its KV into the padded batch would cost more than the calls (benchmarks/cpu_kernels.py decode_long).
 IN_PLACE_MIN_TOKENS = 1024
 IN_PLACE_MIN_RUN_TOKENS = 256
 
 
-def can_read_in_place(cache: "KVCacheTensors", sliding_window: int | None) -> bool:
-    """Per-run fused decode calls need a CPU fp32 cache (see decode_attention_one) and no window."""
-    return (bool(cache.k) and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu"
-            and sliding_window is None)
+def can_read_in_place(cache: "KVCacheTensors") -> bool:
+    """Fused per-run decode calls want a CPU fp32 cache (see decode_attention_one)."""
+    return bool(cache.k) and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu"
 
 
-def in_place_runs(block_ids: list[int], num_kv: int, block_size: int) -> list[tuple[int, int]] | None:
-    """The runs of blocks holding a decode's ``num_kv`` tokens, if reading them in place pays."""
+def in_place_runs(block_ids: list[int], num_kv: int, block_size: int, alone: bool = False,
+                  sliding_window: int | None = None) -> list[tuple[int, int]] | None:
+    """The runs of blocks holding a decode's ``num_kv`` tokens, if reading them in place pays.
+
+    ``alone``: the step's only decode. ``sliding_window``: only one run then (the fused call keeps
+    the last ``sliding_window`` keys of what it is given).
+    """
     runs = block_runs(block_ids[: -(-num_kv // block_size)])
-    if num_kv >= IN_PLACE_MIN_TOKENS and num_kv >= IN_PLACE_MIN_RUN_TOKENS * len(runs):
+    if len(runs) > 1 and sliding_window is not None:
+        return None
+    if (alone and len(runs) == 1) or (num_kv >= IN_PLACE_MIN_TOKENS and num_kv >= IN_PLACE_MIN_RUN_TOKENS * len(runs)):
         return runs
     return None
 
@@ -115,13 +114,14 @@ class LocalAttention:
         # decodes read in place: (row, runs of blocks, num_kv); CPU fp32 only (see decode_attention_one;
         # CUDA has flash-attn's paged decode)
         self.decodes_in_place: list[tuple[int, list[tuple[int, int]], int]] = []
-        in_place_ok = can_read_in_place(cache, sliding_window)
+        in_place_ok = can_read_in_place(cache)
+        alone = sum(1 for s in seqs if s.is_decode and s.kv_pos is None) == 1
         row = 0
         for s in seqs:
             slots.extend(slots_for(s, bs))
             n = s.num_tokens
             if s.is_decode and s.kv_pos is None:
-                runs = in_place_runs(s.block_ids, s.num_kv, bs) if in_place_ok else None
+                runs = in_place_runs(s.block_ids, s.num_kv, bs, alone, sliding_window) if in_place_ok else None
                 if runs is not None:
                     self.decodes_in_place.append((row, runs, s.num_kv))
                 else:
@@ -130,12 +130,13 @@ class LocalAttention:
                     lens.append(s.num_kv)
             else:
                 q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
+                runs = block_runs(s.block_ids[: -(-s.num_kv // bs)])
                 k_pos = (torch.arange(s.num_kv) if s.kv_pos is None
                          else torch.tensor(ranges_to_list(s.kv_pos), dtype=torch.int64))
                 self.prefills.append(_Prefill(
                     rows=slice(row, row + n), block_ids=torch.tensor(s.block_ids, dtype=torch.int64),
                     num_kv=s.num_kv, q_pos=q_pos, k_pos=k_pos, fresh=s.num_kv_before == 0,
-                    span=consecutive(s.block_ids[: -(-s.num_kv // bs)])))
+                    span=runs[0] if len(runs) == 1 else None))
             row += n
         self.num_rows = row
         self.slots = torch.tensor(slots, dtype=torch.int64)
@@ -143,8 +144,6 @@ class LocalAttention:
         self.decode_lens = torch.tensor(lens, dtype=torch.int64)
         width = max((len(t) for t in tables), default=0)
         self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
-        # one decode whose blocks are consecutive (a request growing alone): read the cache in place
-        self.decode_span = consecutive(tables[0]) if len(tables) == 1 else None
 
     def _expand(self, k: torch.Tensor) -> torch.Tensor:
         # k: [..., Hkv_l, D] -> [..., Hq_l, D] when local query heads do not group evenly
@@ -178,14 +177,6 @@ class LocalAttention:
 
                 o, _ = flash_decode_paged(q[self.decode_rows], self.cache.k[layer], self.cache.v[layer],
                                           self.decode_tables, self.decode_lens, self.scale, self.window)
-            elif self.decode_span is not None and q.dtype == torch.float32:
-                # a single decode over consecutive blocks: the fused kernel on the cache in place
-                b0, n = self.decode_span
-                kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[: int(self.decode_lens[0])]
-                          for c in (self.cache.k, self.cache.v))
-                o, _ = decode_attention_one(q[self.decode_rows][0], self._expand(kc), self._expand(vc),
-                                            self.scale, self.window)
-                o = o[None]
             else:
                 kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
                 o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
@@ -204,7 +195,7 @@ class LocalAttention:
         # q: [Hq_l, D] -> out [Hq_l, D]
         outs, lses = [], []
         for _, kc, vc in run_views(self.cache, layer, runs, num_kv):
-            o, lse = decode_attention_one(q, self._expand(kc), self._expand(vc), self.scale)
+            o, lse = decode_attention_one(q, self._expand(kc), self._expand(vc), self.scale, self.window)
             outs.append(o[None])
             lses.append(lse[None])
         return merge_many(outs, lses)[0][0]

@@ -72,7 +72,11 @@ class SPAttention:
             slots.append(torch.tensor(slots_for(seq.mine, cache.block_size), dtype=torch.int64))
         self.slots = torch.cat(slots)
         self.decodes = [s for s in self.seqs if s.is_decode]
-        self.in_place_ok = can_read_in_place(cache, sliding_window)
+        # runs of blocks to read each decode's local KV in place (None: gather), once per step; attention
+        # by positions handles a window over any split of the keys
+        in_place = can_read_in_place(cache)
+        self.decode_runs = {id(s): in_place_runs(s.mine.block_ids, s.mine.num_kv, cache.block_size) if in_place
+                            else None for s in self.decodes}
         self.prefills = [s for s in self.seqs if not s.is_decode]
 
     def _attn_fn(self) -> Callable:
@@ -136,11 +140,10 @@ class SPAttention:
         """This rank's KV of a decoding SP sequence as (first token index, k, v) segments: views of
         the cache per run of blocks when the context is long and its runs are long (no copy of the
         whole context every layer and step), else one gathered copy."""
-        num = s.work.per_rank[self.comm.rank].num_kv
-        runs = in_place_runs(s.mine.block_ids, num, self.cache.block_size) if self.in_place_ok else None
+        runs = self.decode_runs[id(s)]
         if runs is not None:
-            return run_views(self.cache, layer, runs, num)
-        return [(0, *self._local_kv(layer, s, num))]
+            return run_views(self.cache, layer, runs, s.mine.num_kv)
+        return [(0, *self._local_kv(layer, s, s.mine.num_kv))]
 
     def _prefill(self, layer: int, s: _SPSeq, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  attn_fn: Callable) -> torch.Tensor:
