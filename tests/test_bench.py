@@ -9,7 +9,9 @@ import random
 
 import pytest
 
+from csps.bench import DTYPE_BYTES
 from csps.bench_report import distribution, format_table, percentile
+from csps.device import resolve_dtype
 from csps.errors import CspsError
 from csps.workloads import WorkloadConfig, arrival_times, book_text, make_workload
 
@@ -46,11 +48,13 @@ def test_bench_json_has_every_field_with_plausible_values(bench_doc):
     assert run["achieved_flops_per_s"] > 0 and run["peak_flops_per_s"] > 1e8
     assert 0 < run["fraction_of_peak"] < 2
     assert run["bytes_per_step_by_kind"] == {}  # one rank: nothing moves between ranks
-    kv_per_token = 2 * 2 * 2 * 16 * 4  # 2 (k, v) x 2 layers x 2 kv heads x 16 dims x fp32
+    dtype = doc["config"]["engine"]["dtype"]  # auto: bf16 on CPUs with native bf16, else fp32
+    assert dtype == resolve_dtype("auto")
+    kv_per_token = 2 * 2 * 2 * 16 * DTYPE_BYTES[dtype]  # 2 (k, v) x 2 layers x 2 kv heads x 16 dims x dtype
     assert 3 * 206 * kv_per_token <= run["peak_kv_bytes_per_rank"][0] <= 3 * 224 * kv_per_token
     assert run["num_steps"] >= 6 and run["duration_s"] > 0 and run["predicted_duration_s"] > 0
     assert doc["git"]["revision"] and doc["versions"]["torch"] and doc["machine"]["cpu_count"] >= 1
-    assert doc["config"]["engine"]["token_budget"] == 512 and doc["config"]["engine"]["dtype"] == "float32"
+    assert doc["config"]["engine"]["token_budget"] == 512
     assert doc["config"]["workload"]["prompt_len"] == 200
     assert (d / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -203,4 +207,4 @@ def test_validate_reports_prediction_error_per_case(tmp_path, capsys):
     # the fitted profile now predicts later runs of this model (the --max-time guard)
     from csps.bench import local_profile
 
-    assert local_profile("dummy:tiny", 4)[1] == "fitted by --validate"
+    assert local_profile("dummy:tiny", DTYPE_BYTES[resolve_dtype("auto")])[1] == "fitted by --validate"

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_chat_and_completion():
-    with ServerProcess(["--model", "smollm2", "--max-model-len", "2048"]) as srv:
+    with ServerProcess(["--model", "smollm2", "--max-model-len", "2048", "--dtype", "float32"]) as srv:
         assert "csps serving smollm2" in srv.log and "KV cache" in srv.log
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         r = client.chat.completions.create(
