@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -104,6 +105,51 @@ def check_layout(config, model_cfg) -> None:
         log.warning("%d ranks on %d CPU cores: ranks will time-share the cores", p.world_size, cores)
 
 
+class RankWorld:
+    """The ranks an engine started, and how they are shut down. Owned by the engine through a
+    ``weakref.finalize``, so dropping the engine, garbage collection or interpreter exit stop them
+    (holds no reference to the engine itself)."""
+
+    def __init__(self, rank_group, threads_before: int) -> None:
+        self.rank_group = rank_group  # None under torchrun: the ranks are not ours to stop
+        self.threads_before = threads_before
+        self.world = None  # rank 0's world Comm, once the runtime is built
+        self.dead: str | None = None
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        alive = self.rank_group is None or self.rank_group.alive()
+        if not self.dead and alive and self.world is not None:
+            try:
+                self.world.broadcast_bytes(StepPlan(step_id=-1, shutdown=True).to_bytes(), src=0, kind="plan")
+            except Exception:  # noqa: BLE001 - the ranks are stopped below either way
+                pass
+        if self.rank_group is not None:
+            self.rank_group.stop(grace_s=5.0 if alive and not self.dead else 0.5)
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+        torch.set_num_threads(self.threads_before)
+        self.world = None
+
+
+def refuse_if_ranks_running() -> None:
+    """A process holds one world of ranks at a time: fail at once, not after a rendezvous timeout."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # an engine dropped inside a reference cycle is stopped by its finalizer here
+    if dist.is_available() and dist.is_initialized():
+        raise CspsError("another engine's ranks are still running in this process: call shutdown() on it "
+                        "(or use `with LLM(...) as llm:`) before starting a new sequence- or tensor-parallel "
+                        "engine")
+
+
 class DistEngine(Engine):
     def _start_runtime(self, model_cfg, state_dict, num_blocks: int) -> None:
         from csps.parallel.rank_group import RankGroup
@@ -111,25 +157,29 @@ class DistEngine(Engine):
         check_layout(self.config, model_cfg)
         world = self.config.parallel.world_size
         torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank_group = None
-        self._threads_before = torch.get_num_threads()
+        if not torchrun:
+            refuse_if_ranks_running()
+        self._world = RankWorld(None, torch.get_num_threads())
+        self._finalizer = weakref.finalize(self, self._world.close)
         if not torchrun:
             shared = SharedWeights(state_dict)  # the ranks map the weights instead of copying them
-            self.rank_group = RankGroup(world, child_main, args=(self.config, (model_cfg, shared), num_blocks))
-            del shared
             try:
-                self.rank_group.join_as_rank0()
+                self._world.rank_group = RankGroup(world, child_main,
+                                                   args=(self.config, (model_cfg, shared), num_blocks))
+                self._world.rank_group.join_as_rank0()
             except Exception as e:  # noqa: BLE001
-                self.rank_group.stop(grace_s=0.5)
+                self._finalizer()
                 raise CspsError(f"could not start {world} ranks: {str(e).splitlines()[0]}") from None
+            finally:
+                shared.close()  # every rank has mapped it by now (or failed)
         else:
             from csps.parallel.groups import init_distributed
 
             init_distributed(self.config.parallel.backend)
             agree_num_blocks(num_blocks)
         self.rt = RankRuntime(self.config, (model_cfg, state_dict), num_blocks)
+        self._world.world = self.rt.groups.world
         self.model, self.cache = self.rt.model, self.rt.cache
-        self.dead: str | None = None
         try:
             link = self.rt.handshake()
         except Exception as e:  # noqa: BLE001
@@ -139,6 +189,14 @@ class DistEngine(Engine):
         self.exchange = ExchangePolicy.calibrate(model_cfg, torch.finfo(self.dtype).bits // 8, sp.sp, sp.tp,
                                                  link, torch.get_num_threads(), forced)
         self._last_bytes: dict[str, int] = {}
+
+    @property
+    def rank_group(self):
+        return self._world.rank_group
+
+    @property
+    def dead(self) -> str | None:
+        return self._world.dead
 
     # -- plans -----------------------------------------------------------------------------
     def build_plan(self, out: SchedulerOutput) -> StepPlan:
@@ -171,14 +229,16 @@ class DistEngine(Engine):
     # -- execution -------------------------------------------------------------------------
     def _failure(self, e: BaseException) -> CspsError:
         detail = self.rank_group.first_error() if self.rank_group is not None else None
-        self.dead = detail or f"rank 0 failed: {type(e).__name__}: {e}"
+        self._world.dead = detail or f"rank 0 failed: {type(e).__name__}: {e}"
         log.error("engine failed: %s", self.dead)
-        self._kill()
+        self._finalizer()
         return CspsError(f"the engine's ranks failed ({self.dead.splitlines()[0]})")
 
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         if self.dead:
             raise CspsError(f"the engine is dead: {self.dead.splitlines()[0]}")
+        if not self._finalizer.alive:
+            raise CspsError("the engine was shut down")
         world = self.rt.groups.world
         try:
             world.broadcast_bytes(plan.to_bytes(), src=0, kind="plan")
@@ -201,28 +261,6 @@ class DistEngine(Engine):
     def step_bytes(self) -> dict[str, int]:
         return dict(self._last_bytes)
 
-    def _kill(self) -> None:
-        if self.rank_group is not None:
-            self.rank_group.stop(grace_s=0.5)
-        try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-
     def shutdown(self) -> None:
-        if getattr(self, "rt", None) is None:
-            return
-        if not self.dead:
-            try:
-                self.rt.groups.world.broadcast_bytes(StepPlan(step_id=-1, shutdown=True).to_bytes(), src=0,
-                                                     kind="plan")
-            except Exception:  # noqa: BLE001
-                pass
-            if self.rank_group is not None:
-                self.rank_group.stop(grace_s=5.0)
-        self._kill()
-        torch.set_num_threads(self._threads_before)
-        self.rt = None
+        """Stop the ranks now (also done when the engine is dropped or the interpreter exits)."""
+        self._finalizer()

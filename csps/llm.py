@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from csps.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
@@ -49,6 +50,11 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     from csps.engine import TORCH_DTYPES, Engine
     from csps.weights import load_model_weights
 
+    if config.parallel.world_size > 1:
+        from csps.dist_engine import refuse_if_ranks_running
+
+        if "RANK" not in os.environ:  # not under torchrun
+            refuse_if_ranks_running()  # at once, before minutes of loading weights
     weights = kw.pop("weights", None) or load_model_weights(config.model, TORCH_DTYPES[config.dtype],
                                                             seed=config.seed)
     model_cfg = weights[0]

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
+import weakref
 
 import torch
 
@@ -260,8 +262,13 @@ def load_model_weights(model: str, dtype: torch.dtype, seed: int = 0):
 
 
 class SharedWeights:
-    """A state dict packed into ONE shared-memory buffer, so handing it to rank processes costs one
-    file descriptor and no copy (multiprocessing can pass at most ~250 descriptors at once)."""
+    """A state dict packed into ONE named shared-memory file, so handing it to rank processes costs a
+    file name and no copy: a rank that unpickles it maps the same pages (``torch.from_file``).
+
+    The creator calls ``close()`` once every rank has mapped it (after the rendezvous): the name is
+    removed, the pages live on in the ranks' mappings. A creator that forgets, or dies, still removes
+    it at interpreter exit.
+    """
 
     def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.index: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
@@ -270,10 +277,26 @@ class SharedWeights:
             offset = -(-offset // 64) * 64  # keep every tensor 64-byte aligned
             self.index[name] = (offset, tuple(t.shape), t.dtype)
             offset += t.numel() * t.element_size()
-        self.buffer = torch.empty(max(offset, 1), dtype=torch.uint8)
+        self.num_bytes = max(offset, 1)
+        fd, self.path = tempfile.mkstemp(prefix="csps_weights_", dir=_shared_dir(self.num_bytes))
+        os.close(fd)
+        self._finalizer = weakref.finalize(self, _remove, self.path)
+        self.buffer = torch.from_file(self.path, shared=True, size=self.num_bytes, dtype=torch.uint8)
         for name, t in state_dict.items():
             self._view(name).copy_(t)
-        self.buffer.share_memory_()
+
+    def __getstate__(self) -> dict:
+        return {"index": self.index, "path": self.path, "num_bytes": self.num_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.index, self.path, self.num_bytes = state["index"], state["path"], state["num_bytes"]
+        self._finalizer = None  # only the creator removes the file
+        self.buffer = torch.from_file(self.path, shared=True, size=self.num_bytes, dtype=torch.uint8)
+
+    def close(self) -> None:
+        """Remove the file's name (creator only); mappings stay valid."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def _view(self, name: str) -> torch.Tensor:
         offset, shape, dtype = self.index[name]
@@ -282,3 +305,22 @@ class SharedWeights:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: self._view(name) for name in self.index}
+
+
+def _shared_dir(num_bytes: int) -> str:
+    """/dev/shm when it has room (memory-backed), else the temp dir (e.g. a container's small shm)."""
+    shm = "/dev/shm"
+    try:
+        st = os.statvfs(shm)
+        if st.f_bavail * st.f_frsize > 2 * num_bytes:
+            return shm
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

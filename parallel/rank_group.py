@@ -2,47 +2,81 @@
 child processes running ``target(rank, world_size, *args)``.
 
 Unlike ``launch.spawn`` (every rank a child, results collected at the end), the engine keeps
-running in the caller and talks to its ranks step by step through collectives. Children report a
-failure on an error queue before exiting, so rank 0 can say which rank failed and why instead of
-only "connection closed". Under ``torchrun`` (RANK/WORLD_SIZE in the environment) nothing is
-spawned: every rank already exists and joins the same rendezvous.
+running in the caller and talks to its ranks step by step through collectives.
+
+Children start from the package's own entry point, ``python -m csps.parallel.rank_entry``, which
+reads its task (a pickle) from stdin: nothing re-imports the caller's main module, so a user's
+script or notebook needs no ``if __name__ == "__main__":`` guard. A child that fails writes a
+report (rank, error, traceback) to a file before exiting, so rank 0 can say which rank failed and
+why instead of only "connection closed"; a child whose parent died exits by itself. Under
+``torchrun`` (RANK/WORLD_SIZE in the environment) nothing is spawned: every rank already exists and
+joins the same rendezvous.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing as mp
 import os
-import queue
+import pickle
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
-from csps.parallel.launch import _ensure_forkserver, free_port
+from csps.parallel.launch import free_port
 
 log = logging.getLogger("csps.parallel.rank_group")
 
+PARENT_POLL_S = 1.0  # how often a child checks that its parent is still alive
 
-def _child_main(rank: int, world_size: int, port: int, target: Callable, args: tuple, errors: Any,
-                num_threads: int, timeout_s: float) -> None:
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this child as soon as the process that started it is gone (killed, crashed)."""
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="csps-parent-watch").start()
+
+
+def _write_report(path: str, rank: int, e: BaseException) -> None:
+    report = {"rank": rank, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+              "time_s": time.time()}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f)
+    os.replace(tmp, path)  # the parent never reads half a report
+
+
+def run_rank(stream) -> None:
+    """The body of ``python -m csps.parallel.rank_entry``: two pickles on ``stream`` (the launch
+    facts, then the target and its args); never returns."""
+    head = pickle.load(stream)
+    rank = head["rank"]
+    _watch_parent(head["parent_pid"])
     try:
         import torch
 
-        torch.set_num_threads(num_threads)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        torch.set_num_threads(head["num_threads"])
+        target, args = pickle.load(stream)  # inside the try: a failure to unpickle is reported too
         from csps.parallel.groups import init_distributed
 
-        init_distributed("gloo", timeout_s=timeout_s)
-        target(rank, world_size, *args)
+        init_distributed("gloo", timeout_s=head["timeout_s"])
+        target(rank, head["world_size"], *args)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then the process exits
-        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc(), time.time()))
-        errors.close()
-        errors.join_thread()  # the report must reach the pipe before the process vanishes
+        _write_report(head["report_path"], rank, e)
         log.error("rank %d failed: %s", rank, e)
         sys.stderr.flush()
         os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
@@ -50,29 +84,39 @@ class RankGroup:
     """Ranks 1..W-1 as local child processes; rank 0 joins from the calling process."""
 
     def __init__(self, world_size: int, target: Callable, args: tuple = (), timeout_s: float = 300.0,
-                 num_threads: int | None = None, start_method: str = "forkserver") -> None:
+                 num_threads: int | None = None) -> None:
+        """``target`` must be importable by name (a module-level function of an installed module)."""
         self.world_size = world_size
-        self.procs: list = []
+        self.procs: list[subprocess.Popen] = []
         self.timeout_s = timeout_s
         if num_threads is None:
             num_threads = max(1, (os.cpu_count() or 1) // world_size)
         self.num_threads = num_threads
-        ctx = mp.get_context(start_method)
-        if start_method == "forkserver":
-            ctx.set_forkserver_preload(["torch", "torch.distributed", "csps.parallel"])
-            _ensure_forkserver()
-        self.errors = ctx.Queue()
         self.port = free_port()
-        for r in range(1, world_size):
-            p = ctx.Process(target=_child_main, daemon=True,
-                            args=(r, world_size, self.port, target, args, self.errors, num_threads, timeout_s))
-            p.start()
-            self.procs.append(p)
+        self.report_dir = tempfile.mkdtemp(prefix="csps_ranks_")
+        task = pickle.dumps((target, args), protocol=pickle.HIGHEST_PROTOCOL)
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port),
+                   WORLD_SIZE=str(world_size), OMP_NUM_THREADS=str(num_threads),
+                   # the caller's import path, so every module the task names resolves in the child
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        try:
+            for r in range(1, world_size):
+                head = dict(rank=r, world_size=world_size, parent_pid=os.getpid(), num_threads=num_threads,
+                            timeout_s=timeout_s, report_path=self._report_path(r))
+                p = subprocess.Popen([sys.executable, "-m", "csps.parallel.rank_entry"], stdin=subprocess.PIPE,
+                                     env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+                self.procs.append(p)
+                p.stdin.write(pickle.dumps(head) + task)
+                p.stdin.close()
+        except BaseException:
+            self.stop(grace_s=0.0)
+            raise
+
+    def _report_path(self, rank: int) -> str:
+        return os.path.join(self.report_dir, f"rank{rank}.json")
 
     def join_as_rank0(self) -> None:
         """Rendezvous with the children; fails at once (with the child's error) if one dies first."""
-        import threading
-
         import torch
 
         from csps.parallel.groups import init_distributed
@@ -83,7 +127,7 @@ class RankGroup:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # env:// rendezvous reads these; restored below (we are not torchrun)
         try:
-            self._rendezvous(init_distributed, threading)
+            self._rendezvous(init_distributed)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -91,7 +135,7 @@ class RankGroup:
                 else:
                     os.environ[k] = v
 
-    def _rendezvous(self, init_distributed, threading) -> None:
+    def _rendezvous(self, init_distributed) -> None:
         outcome: list[BaseException | None] = []
 
         def join() -> None:
@@ -110,40 +154,53 @@ class RankGroup:
         if outcome and outcome[0] is not None:
             raise outcome[0]
 
+    def _reports(self) -> list[dict]:
+        out = []
+        for r in range(1, self.world_size):
+            try:
+                with open(self._report_path(r)) as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                pass
+        return out
+
     def first_error(self, wait_s: float = 2.0) -> str | None:
         """The earliest failure a child reported (waiting up to ``wait_s`` for one), or a dead child."""
-        reports = []
         end = time.time() + wait_s
-        while time.time() < end:
-            try:
-                reports.append(self.errors.get(timeout=0.05))
-            except queue.Empty:
-                if reports or any(not p.is_alive() for p in self.procs):
-                    if not reports:
-                        try:
-                            reports.append(self.errors.get(timeout=0.5))
-                        except queue.Empty:
-                            pass
-                    break
+        reports = self._reports()
+        while not reports and time.time() < end:
+            if any(p.poll() is not None for p in self.procs):
+                time.sleep(0.2)  # a dead child's report is written before it exits; a peer's may follow
+                reports = self._reports()
+                break
+            time.sleep(0.05)
+            reports = self._reports()
         if reports:
-            rank, msg, tb, _ = min(reports, key=lambda r: r[3])
-            return f"rank {rank} failed: {msg}\n{tb}"
-        dead = [(r + 1, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+            first = min(reports, key=lambda r: r["time_s"])
+            return f"rank {first['rank']} failed: {first['error']}\n{first['traceback']}"
+        dead = [(r + 1, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None]
         if dead:
             return f"rank {dead[0][0]} died with exit code {dead[0][1]}"
         return None
 
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return all(p.poll() is None for p in self.procs)
 
     def stop(self, grace_s: float = 5.0) -> None:
+        """Wait up to ``grace_s`` for the children to exit, then terminate, then kill them."""
         end = time.time() + grace_s
         for p in self.procs:
-            p.join(timeout=max(0.0, end - time.time()))
+            try:
+                p.wait(timeout=max(0.0, end - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
         for p in self.procs:
-            if p.is_alive():
+            if p.poll() is None:
                 p.terminate()
-                p.join(timeout=2.0)
-            if p.is_alive():
-                p.kill()
+                try:
+                    p.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=2.0)
         self.procs = []
+        shutil.rmtree(self.report_dir, ignore_errors=True)
