@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 from csps.errors import RequestError
 
+# Bounds on stop conditions, checked on every generated token. OpenAI allows 4 stop strings; coding
+# assistants send more (Continue's autocomplete sends ~20), vLLM and llama.cpp set no bound.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -41,7 +47,14 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
-            (all(s for s in self.stop), "stop strings must not be empty"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (len(self.stop) <= MAX_STOP_STRINGS,
+             f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"),
+            (all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+             f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters, got "
+             f"{max((len(s) for s in self.stop), default=0)}"),
+            (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {len(self.stop_token_ids)}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -53,6 +53,8 @@ COMPLETION_CASES = [
     ({"prompt": "hi", "logprobs": 99}, "less than or equal to 20", "logprobs"),
     ({"prompt": "hi", "presence_penalty": 3}, "less than or equal to 2", "presence_penalty"),
     ({"prompt": "hi", "stop": [""]}, "stop strings must not be empty", None),
+    ({"prompt": "hi", "stop": ["x"] * 100}, "at most 64 stop strings are allowed, got 100", None),
+    ({"prompt": "hi", "stop": ["x" * 300]}, "at most 256 characters, got 300", None),
     ({"prompt": "hi", "logit_bias": {"1": 5}}, "logit_bias is not supported", None),
     ({"prompt": "hi", "echo": True}, "echo is not supported", None),
     ({"prompt": ""}, "the prompt is empty", "prompt"),
