@@ -21,9 +21,9 @@ class Result:
     bytes_by_kind: dict[str, int]
 
 
-def run(weights, workload, sp=1, tp=1, tokenizer=None, **kw) -> Result:
+def run(weights, workload, sp=1, tp=1, tokenizer=None, dtype="float32", **kw) -> Result:
     """workload: list of waves; each wave is a list of (req_id, prompt ids) run to completion together."""
-    cfg = make_engine_config(model="test", dtype="float32", sp=sp, tp=tp, **kw)
+    cfg = make_engine_config(model="test", dtype=dtype, sp=sp, tp=tp, **kw)
     engine = create_engine(cfg, max_model_len=kw.get("max_model_len"), weights=weights,
                            tokenizer=tokenizer, load_tokenizer_=tokenizer is not None)
     engine.logits_sink = {}

@@ -93,3 +93,35 @@ def test_missing_or_bad_model_paths_give_clear_errors(tmp_path):
     bad.write_bytes(b"not a gguf")
     with pytest.raises(CspsError, match="GGUF"):
         LLM(str(bad))
+
+
+# bf16 runs on every machine kind (emulated, slowly, where the CPU has no native bf16; the model is tiny).
+# bf16 rounds activations to 8 bits of mantissa at every layer: logits differ from an fp32 oracle on the
+# same (bf16-rounded) weights by a few % of their scale, so compare relative to the logits' magnitude.
+BF16_REL_TOL = 0.1  # measured 2-4% on these models
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_bf16_engine_close_to_transformers(arch):
+    hf, cfg, sd = build_hf(arch)
+    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    hf.load_state_dict({k: v.float() for k, v in sd.items()})  # the oracle sees the same rounded weights
+    ids = torch.randint(3, cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(4)).tolist()
+    config = make_engine_config(model=f"hf-{arch}", dtype="bfloat16", token_budget=64, max_model_len=1024,
+                                num_blocks=64)
+    engine = Engine(config, weights=(cfg, sd), load_tokenizer_=False)
+    assert engine.cache.k[0].dtype == torch.bfloat16
+    engine.logits_sink = {}
+    engine.add_request(ids, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), request_id="r")
+    got = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                got = o.token_ids
+    ours = torch.stack(engine.logits_sink["r"])  # [16, V]: chunked prefill's last row, then 15 decodes
+    ref = hf_logits(hf, ids + got[:-1])[len(ids) - 1 :]  # teacher-forced on the tokens we generated
+    scale = ref.abs().max().item()
+    assert scale > 0.5
+    rel = (ours - ref).abs().max().item() / scale
+    assert rel <= BF16_REL_TOL, f"{arch}: max |diff| / max |logit| = {rel:.2e}"
+    assert rel > 1e-4  # it really ran in bf16 (fp32 agrees to ~1e-6)
