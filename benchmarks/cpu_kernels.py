@@ -148,14 +148,14 @@ def bench_decode_long(ctx: int = 8192, bs: int = 16, run_blocks: int = 32) -> di
         # request i's j-th run of blocks sits after the j-th runs of requests 0..i-1 (interleaved chunks)
         tables = [[1 + (j * b + i) * run_blocks + x for j in range(-(-nblk // run_blocks)) for x in range(run_blocks)][:nblk]
                   for i in range(b)]
-        seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(ctx - 1, ctx)], block_ids=t, num_kv_before=ctx - 1,
-                        is_decode=True) for i, t in enumerate(tables)]
+        seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(ctx - 1, ctx)], new_block_ids=[], num_kv_before=ctx - 1,
+                        is_decode=True) for i in range(b)]
         q = torch.randn(b, M.num_heads, M.head_dim)
         k, v = torch.randn(b, M.num_kv_heads, M.head_dim), torch.randn(b, M.num_kv_heads, M.head_dim)
         timed = {}
         for label, min_tokens in (("in_place", attn_context.IN_PLACE_MIN_TOKENS), ("gathered", 1 << 62)):
             with mock.patch.object(attn_context, "IN_PLACE_MIN_TOKENS", min_tokens):
-                attn = LocalAttention(seqs, cache, scale=M.head_dim**-0.5)
+                attn = LocalAttention(seqs, tables, cache, scale=M.head_dim**-0.5)
             timed[label] = ms(lambda: attn(0, q, k, v), reps=5) * M.num_layers
         out[b] = {"in_place_ms_per_step": timed["in_place"], "gathered_ms_per_step": timed["gathered"],
                   "gathered_over_in_place": timed["gathered"] / timed["in_place"]}

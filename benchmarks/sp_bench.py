@@ -86,7 +86,7 @@ def bench_decode() -> dict:
         d = r["decode_step_bytes"]
         pass_q = d.get("pass_q", 0) + d.get("pass_q_out", 0)
         # moving the KV instead: the half of the context held by the other rank, K and V, every layer
-        move_kv = (n // 2) * 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4
+        move_kv = (n // 2) * m.kv_bytes_per_token(4)
         out[n] = {"pass_q_bytes_per_token": pass_q, "move_kv_bytes_per_token": move_kv,
                   "ratio": move_kv / pass_q if pass_q else None}
         print(f"decode bytes at {n}: pass-Q {pass_q} vs KV {move_kv}", flush=True)

@@ -1,6 +1,6 @@
 """Attention over the paged KV cache for one step's packed batch on one rank.
 
-Built once per step from the rank's ``SeqWork`` list, then called by every layer as
+Built once per step from the rank's ``SeqWork`` list and their block tables, then called by every layer as
 ``attn(layer, q, k, v) -> out``: it writes the new K/V into the cache (slot mapping), runs the
 batched fp32 decode attention for one-token sequences (long contexts in long runs of blocks read
 the cache in place instead, a fused call per run) and the chunked-prefill attention (chunk on top
@@ -32,11 +32,9 @@ class KVCacheTensors:
         self.bytes = 2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * self.k[0].element_size()
 
 
-def slots_for(seq: SeqWork, block_size: int) -> list[int]:
-    out = []
-    for i in range(seq.num_kv_before, seq.num_kv):
-        out.append(seq.block_ids[i // block_size] * block_size + i % block_size)
-    return out
+def slots_for(seq: SeqWork, block_ids: list[int], block_size: int) -> list[int]:
+    """Cache slots of the sequence's new tokens (they follow its cached ones)."""
+    return [block_ids[i // block_size] * block_size + i % block_size for i in range(seq.num_kv_before, seq.num_kv)]
 
 
 def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
@@ -100,8 +98,9 @@ class _Prefill:
 
 
 class LocalAttention:
-    def __init__(self, seqs: list[SeqWork], cache: KVCacheTensors, scale: float,
+    def __init__(self, seqs: list[SeqWork], tables: list[list[int]], cache: KVCacheTensors, scale: float,
                  sliding_window: int | None = None, kv_head_map: list[int] | None = None) -> None:
+        """``tables[i]``: the block table of ``seqs[i]`` on this rank (after this step's allocations)."""
         self.cache = cache
         self.scale = scale
         self.window = sliding_window
@@ -109,41 +108,39 @@ class LocalAttention:
         self.kv_head_map = torch.tensor(kv_head_map) if kv_head_map is not None else None
         bs = cache.block_size
         slots: list[int] = []
-        decode_rows, tables, lens = [], [], []
+        decode_rows, decode_tables, lens = [], [], []
         self.prefills: list[_Prefill] = []
         # decodes read in place: (row, runs of blocks, num_kv); CPU fp32 only (see decode_attention_one;
         # CUDA has flash-attn's paged decode)
         self.decodes_in_place: list[tuple[int, list[tuple[int, int]], int]] = []
         in_place_ok = can_read_in_place(cache)
-        alone = sum(1 for s in seqs if s.is_decode and s.kv_pos is None) == 1
+        alone = sum(1 for s in seqs if s.is_decode) == 1
         row = 0
-        for s in seqs:
-            slots.extend(slots_for(s, bs))
+        for s, block_ids in zip(seqs, tables):
+            slots.extend(slots_for(s, block_ids, bs))
             n = s.num_tokens
-            if s.is_decode and s.kv_pos is None:
-                runs = in_place_runs(s.block_ids, s.num_kv, bs, alone, sliding_window) if in_place_ok else None
+            if s.is_decode:
+                runs = in_place_runs(block_ids, s.num_kv, bs, alone, sliding_window) if in_place_ok else None
                 if runs is not None:
                     self.decodes_in_place.append((row, runs, s.num_kv))
                 else:
                     decode_rows.append(row)
-                    tables.append(s.block_ids[: -(-s.num_kv // bs)])
+                    decode_tables.append(block_ids[: -(-s.num_kv // bs)])
                     lens.append(s.num_kv)
             else:
                 q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
-                runs = block_runs(s.block_ids[: -(-s.num_kv // bs)])
-                k_pos = (torch.arange(s.num_kv) if s.kv_pos is None
-                         else torch.tensor(ranges_to_list(s.kv_pos), dtype=torch.int64))
+                runs = block_runs(block_ids[: -(-s.num_kv // bs)])
                 self.prefills.append(_Prefill(
-                    rows=slice(row, row + n), block_ids=torch.tensor(s.block_ids, dtype=torch.int64),
-                    num_kv=s.num_kv, q_pos=q_pos, k_pos=k_pos, fresh=s.num_kv_before == 0,
+                    rows=slice(row, row + n), block_ids=torch.tensor(block_ids, dtype=torch.int64),
+                    num_kv=s.num_kv, q_pos=q_pos, k_pos=torch.arange(s.num_kv), fresh=s.num_kv_before == 0,
                     span=runs[0] if len(runs) == 1 else None))
             row += n
         self.num_rows = row
         self.slots = torch.tensor(slots, dtype=torch.int64)
         self.decode_rows = torch.tensor(decode_rows, dtype=torch.int64)
         self.decode_lens = torch.tensor(lens, dtype=torch.int64)
-        width = max((len(t) for t in tables), default=0)
-        self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        width = max((len(t) for t in decode_tables), default=0)
+        self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int64)
 
     def _expand(self, k: torch.Tensor) -> torch.Tensor:
         # k: [..., Hkv_l, D] -> [..., Hq_l, D] when local query heads do not group evenly

@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from csps.bench_report import RequestSample, StepSample, summarize_run
 from csps.config import ModelConfig
 from csps.cost_model import StepShape, predict_step
+from csps.dtypes import dtype_bytes
 from csps.errors import CspsError
 from csps.hardware import HardwareProfile, cache_key, default_cache_path, load_or_probe
 from csps.simulator import Strategy, kv_bytes_per_block, simulate, step_shape
 from csps.workloads import RequestSpec
 
 log = logging.getLogger("csps.bench")
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-
 
 @dataclass
 class RealRun:
@@ -41,24 +39,15 @@ class RealRun:
 
 
 class ShapeRecorder:
-    """Wraps ``engine.scheduler.schedule`` to keep each step's shape and per-rank KV blocks in use."""
+    """A step observer of the engine: keeps each step's shape (the cost model's view of it)."""
 
-    def __init__(self, scheduler, strategy: Strategy) -> None:
-        self.scheduler = scheduler
+    def __init__(self, num_ranks: int, strategy: Strategy) -> None:
+        self.num_ranks = num_ranks
         self.strategy = strategy
-        self.inner = scheduler.schedule
-        self.by_step: dict[int, tuple[StepShape, tuple[int, ...]]] = {}
-        scheduler.schedule = self
+        self.by_step: dict[int, StepShape] = {}
 
-    def __call__(self):
-        out = self.inner()
-        if not out.empty:
-            used = tuple(kv.pool.num_used for kv in self.scheduler.kvs)
-            self.by_step[out.step_id] = (step_shape(out, self.scheduler.num_ranks, self.strategy), used)
-        return out
-
-    def detach(self) -> None:
-        self.scheduler.schedule = self.inner
+    def __call__(self, out, record) -> None:
+        self.by_step[out.step_id] = step_shape(out, self.num_ranks, self.strategy)
 
 
 def engine_strategy(config) -> Strategy:
@@ -67,10 +56,6 @@ def engine_strategy(config) -> Strategy:
     return Strategy(name="local", sp=p.sp, tp=p.tp, exchange="ulysses" if p.sp_attn == "ulysses" else "auto",
                     policy=config.scheduler.policy, token_budget=config.scheduler.token_budget,
                     sp_threshold_tokens=p.sp_threshold_tokens)
-
-
-def dtype_bytes_of(config) -> int:
-    return DTYPE_BYTES[config.dtype]
 
 
 # --- this machine's profile ---------------------------------------------------------------------
@@ -138,11 +123,12 @@ def run_real(engine, specs: list[RequestSpec], *, label: str = "run", progress: 
     if any(s.prompt_ids is None for s in specs):
         raise CspsError("a real run needs token ids (make_workload(..., with_ids=True))")
     model = engine.model_config
-    e = DTYPE_BYTES[engine.config.dtype]
+    e = dtype_bytes(engine.config.dtype)
     strategy = engine_strategy(engine.config)
     if peak_flops_per_s is None:
         peak_flops_per_s = matmul_peak_flops(e)
-    recorder = ShapeRecorder(engine.scheduler, strategy)
+    recorder = ShapeRecorder(engine.num_sp_ranks, strategy)
+    engine.step_observers.append(recorder)
     first_step = len(engine.step_log)
     pending = sorted(specs, key=lambda s: s.arrival_s)
     tags: dict[str, RequestSpec] = {}
@@ -175,7 +161,7 @@ def run_real(engine, specs: list[RequestSpec], *, label: str = "run", progress: 
                 r = engine.step_log[-1]
                 bar.update(r.num_prefill_tokens + r.num_decode_tokens)
     finally:
-        recorder.detach()
+        engine.step_observers.remove(recorder)
         if bar is not None:
             bar.close()
         for rid in tags:
@@ -185,7 +171,7 @@ def run_real(engine, specs: list[RequestSpec], *, label: str = "run", progress: 
     count_hw = load_or_probe(dtype_bytes=e)  # FLOP counts depend on the shape only, not on the profile
     steps, shapes = [], []
     for rec in records:
-        shape, used = recorder.by_step.get(rec.step_id, (StepShape(), ()))
+        shape, used = recorder.by_step.get(rec.step_id, StepShape()), rec.kv_blocks_used
         flops = predict_step(shape, model, count_hw, e).flops if shape.num_seqs else 0.0
         shapes.append(shape)
         steps.append(StepSample(rec.start_s - t0, rec.duration_s, rec.num_prefill_tokens, rec.num_decode_tokens,
@@ -214,14 +200,14 @@ def predict_real(specs: list[RequestSpec], config, model: ModelConfig, hw: Hardw
     strategy = engine_strategy(config)
     if not per_rank:
         hw = per_rank_profile(hw, strategy.sp * strategy.tp)
-    return simulate(specs, strategy, model, hw, DTYPE_BYTES[config.dtype],
+    return simulate(specs, strategy, model, hw, dtype_bytes(config.dtype),
                     block_size=config.cache.block_size, max_num_seqs=config.scheduler.max_num_seqs).summary
 
 
 def check_max_time(specs: list[RequestSpec], config, model: ModelConfig, max_time_s: float,
                    model_flag: str) -> tuple[float, str]:
     """Predicted duration of the run and the profile's origin; raises if it exceeds ``max_time_s``."""
-    hw, origin = local_profile(model_flag, DTYPE_BYTES[config.dtype])
+    hw, origin = local_profile(model_flag, dtype_bytes(config.dtype))
     predicted = predict_real(specs, config, model, hw)["duration_s"] + min(s.arrival_s for s in specs)
     if predicted > max_time_s:
         raise CspsError(
@@ -336,7 +322,7 @@ def main_real(a) -> int:
             if a.wait_quiet:
                 log.info("waited %.0f s for other jobs to leave the CPU", wait_for_quiet(a.wait_quiet))
             runs[policy] = run_real(engine, specs, label=policy, progress=not a.no_progress,
-                                    peak_flops_per_s=matmul_peak_flops(dtype_bytes_of(config)))
+                                    peak_flops_per_s=matmul_peak_flops(dtype_bytes(config.dtype)))
             runs[policy].summary["predicted_duration_s"] = predicted[policy][0]
         finally:
             engine.shutdown()

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 
 from csps.bench import (
-    build_engine, default_json_path, dtype_bytes_of, fitted_key, per_rank_profile, predict_real, preset_model_config,
+    build_engine, default_json_path, fitted_key, per_rank_profile, predict_real, preset_model_config,
     run_real, wait_for_quiet, warm_up, warn_long_context)
 from csps.bench_report import percentile
 from csps.cost_model import FIT_PARAMS, fit
+from csps.dtypes import dtype_bytes
 from csps.errors import CspsError
 from csps.hardware import HardwareProfile, load_or_probe, save_cached
 from csps.workloads import RequestSpec
@@ -103,7 +104,7 @@ def calibrate(engine, workloads: list[tuple[RequestSpec, ...]], start: HardwareP
         for i, shape in enumerate(runs[0].shapes):
             if shape.num_seqs:
                 samples.append((shape, min(r.steps[i].duration_s for r in runs)))
-    result = fit(samples, start, engine.model_config, dtype_bytes_of(engine.config), params=params)
+    result = fit(samples, start, engine.model_config, dtype_bytes(engine.config.dtype), params=params)
     return result.profile, result.median_abs_rel_error
 
 
@@ -127,7 +128,7 @@ def main_validate(a) -> int:
     model = preset_model_config(a.model)
     vocab = min(model.vocab_size, 49152) if model else 49152
     config = make_engine_config(**{k: v for k, v in kw.items() if k != "max_model_len"})
-    probe = load_or_probe(dtype_bytes=dtype_bytes_of(config))
+    probe = load_or_probe(dtype_bytes=dtype_bytes(config.dtype))
     calib_len = calibration_prompt_len(lengths, config, model, probe) if model else CALIBRATION_PROMPT_LENS[0]
     workloads = calibration_specs(vocab, calib_len)
     sizing = [s for c in validation_cases(lengths, batches, vocab, 1) for s in c.specs]
@@ -135,7 +136,7 @@ def main_validate(a) -> int:
     warn_long_context(max(s.prompt_len + s.output_len for s in sizing), model)
     rows, notes, fits = [], [], {}
     engine = build_engine({**kw, "sp": 1, "tp": 1}, sizing)
-    model, e = engine.model_config, dtype_bytes_of(engine.config)
+    model, e = engine.model_config, dtype_bytes(engine.config.dtype)
     try:
         warm_up(engine)
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from csps.errors import CspsError
+from csps.tp_shard import max_kv_heads_per_rank
 
 DTYPES = ("auto", "bfloat16", "float32")
 
@@ -62,8 +63,9 @@ class ModelConfig:
         emb = self.vocab_size * h
         return L * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.kv_size * dtype_bytes
+    def kv_bytes_per_token(self, dtype_bytes: int, tp: int = 1) -> int:
+        """KV-cache bytes of one token on one TP rank (the rank holding the most KV heads)."""
+        return 2 * self.num_layers * max_kv_heads_per_rank(self.num_heads, self.num_kv_heads, tp) * self.head_dim * dtype_bytes
 
 
 @dataclass(frozen=True)

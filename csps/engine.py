@@ -1,8 +1,12 @@
 """The engine core: schedule a step, run it, sample, stream outputs.
 
 ``Engine.add_request / step / abort`` is the step-level API the HTTP server drives; ``csps.LLM``
-wraps it for offline use. Rank 0 owns the scheduler, the KV block pools and the requests; ranks
-only execute step plans (see ``csps.plan``).
+wraps it for offline use. One engine for every layout: this process is rank 0 of a world of
+SP × TP ranks (world size 1 included, where the groups are groups of one and nothing moves). Rank 0
+owns the scheduler, the KV block pools and the requests; each step it sends every rank its own plan
+(``csps.plan``), runs its own share on its ``RankRuntime``, gathers the hidden states of the tokens
+to sample, and samples. A rank that fails reports its error; rank 0 raises one clear ``CspsError``
+naming it and refuses further steps.
 """
 
 from __future__ import annotations
@@ -10,29 +14,31 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from csps.attn_context import KVCacheTensors
 from csps.config import EngineConfig
-from csps.errors import RequestError
+from csps.dtypes import dtype_bytes, torch_dtype
+from csps.errors import CspsError, RequestError
+from csps.exchange import ExchangePolicy
 from csps.kv_cache import BlockPool, KVCacheManager
-from csps.model import LlamaModel, TPShard
 from csps.outputs import OutputState, RequestOutput
-from csps.plan import SeqWork, StepPlan
+from csps.plan import StepPlan
+from csps.plan_builder import PlanBuilder, sample_order
+from csps.rank_runtime import BYTE_KINDS, RankRuntime
+from csps.rank_world import RankWorld, check_layout
 from csps.request import Request, Status
 from csps.sampler import SampleRow, sample
 from csps.sampling_params import SamplingParams
 from csps.scheduler import Scheduler, SchedulerOutput
 from csps.tokenizer import Tokenizer, load_tokenizer
 from csps.weights import load_model_weights, memory_available_bytes
-from csps.worker import Worker
 
 log = logging.getLogger("csps.engine")
-
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -45,6 +51,12 @@ class StepRecord:
     num_seqs: int
     num_preempted: int
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    kv_blocks_used: tuple[int, ...] = ()  # per SP rank, once the step's blocks were allocated
+
+
+# Called after every non-empty step with what the scheduler decided and what the step took: how the
+# benchmark and simulator tools watch the engine (nothing patches it).
+StepObserver = Callable[[SchedulerOutput, StepRecord], None]
 
 
 def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int) -> int:
@@ -63,11 +75,7 @@ def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int)
 
 def kv_pool_blocks(config: EngineConfig, model_cfg) -> int:
     """Blocks per rank, identical on every rank (a TP rank holds its share of the KV heads)."""
-    tp = config.parallel.tp
-    kv_heads = max(b - a for a, b in (TPShard(r, tp).kv_head_range(model_cfg.num_heads, model_cfg.num_kv_heads)
-                                      for r in range(tp)))
-    elem_bytes = torch.finfo(TORCH_DTYPES[config.dtype]).bits // 8
-    per_token = 2 * model_cfg.num_layers * kv_heads * model_cfg.head_dim * elem_bytes
+    per_token = model_cfg.kv_bytes_per_token(dtype_bytes(config.dtype), config.parallel.tp)
     return size_kv_pool(config, per_token, config.scheduler.max_model_len)
 
 
@@ -77,7 +85,7 @@ class Engine:
         """``weights``: a preloaded (ModelConfig, state dict); ``load_tokenizer_=False`` runs on
         token ids only (no text), e.g. for models built in tests."""
         self.config = config
-        self.dtype = TORCH_DTYPES[config.dtype]
+        self.dtype = torch_dtype(config.dtype)
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
         model_cfg, state_dict = weights or load_model_weights(config.model, self.dtype, seed=config.seed)
@@ -91,21 +99,20 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None and not config.model.startswith("dummy:"):
             self.eos_ids.add(tokenizer.eos_token_id)
         self.num_sp_ranks = config.parallel.sp
-        # KV bytes per token on one rank (a TP rank holds its share of the KV heads)
         num_blocks = kv_pool_blocks(config, model_cfg)
-        self._start_runtime(model_cfg, state_dict, num_blocks)
+        self._start_ranks(model_cfg, state_dict, num_blocks)
         del state_dict
         self.pools = [BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
                       for _ in range(self.num_sp_ranks)]
-        self.pool = self.pools[0]
         self.kvs = [KVCacheManager(p) for p in self.pools]
-        self.kv = self.kvs[0]
         self.scheduler = Scheduler(config.scheduler, self.kvs,
                                    config.parallel.sp_threshold_tokens if self.num_sp_ranks > 1 else None)
+        self.plans = PlanBuilder(self.kvs, config.cache.block_size, self.exchange.choose if self.exchange else None)
         self.states: dict[str, OutputState] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.step_log: deque[StepRecord] = deque(maxlen=100_000)
         self.logits_sink: dict[str, list[torch.Tensor]] | None = None  # tests: capture sampled logits
+        self.step_observers: list[StepObserver] = []
         self._ids = itertools.count()
         self.load_time_s = time.perf_counter() - t0
         p = config.parallel
@@ -113,18 +120,41 @@ class Engine:
                  "token budget %d per rank, loaded in %.1f s", model_cfg.name or config.model, config.dtype,
                  p.sp, p.tp, self.kv_capacity_tokens, config.scheduler.token_budget, self.load_time_s)
 
-    def _start_runtime(self, model_cfg, state_dict, num_blocks: int) -> None:
-        """Single process: the model and the KV cache live here."""
-        self.model = LlamaModel(model_cfg, state_dict, self.dtype)
-        self.cache = KVCacheTensors(model_cfg.num_layers, num_blocks, self.config.cache.block_size,
-                                    model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
-        self.worker = Worker(self.model, self.cache)
+    def _start_ranks(self, model_cfg, state_dict, num_blocks: int) -> None:
+        """Start ranks 1..W-1 (none at world size 1), then build rank 0's own runtime."""
+        check_layout(self.config, model_cfg)
+        self._world = RankWorld()
+        self._finalizer = weakref.finalize(self, self._world.close)  # stops the ranks when we are dropped
+        self._world.start(self.config, model_cfg, state_dict, num_blocks)
+        self.rt = RankRuntime(self.config, (model_cfg, state_dict), num_blocks)
+        self._world.world = self.rt.groups.world
+        self.model, self.cache = self.rt.model, self.rt.cache
+        try:
+            link = self.rt.handshake()
+        except Exception as e:  # noqa: BLE001
+            raise self._failure(e) from None
+        p = self.config.parallel
+        forced = "ulysses" if p.sp_attn == "ulysses" else (None if p.sp_exchange == "auto" else p.sp_exchange)
+        self.exchange = None  # only sequence-parallel chunks choose an exchange
+        if p.sp > 1:
+            self.exchange = ExchangePolicy.calibrate(model_cfg, dtype_bytes(self.config.dtype), p.sp, p.tp, link,
+                                                     torch.get_num_threads(), forced)
+        self._last_bytes: dict[str, int] = {}
+
+    @property
+    def rank_group(self):
+        """The local rank processes (None at world size 1 and under torchrun)."""
+        return self._world.rank_group
+
+    @property
+    def dead(self) -> str | None:
+        return self._world.dead
 
     # -- requests --------------------------------------------------------------------------
     @property
     def kv_capacity_tokens(self) -> int:
         """KV capacity of one rank, in tokens."""
-        return self.pool.capacity_tokens
+        return self.pools[0].capacity_tokens
 
     @property
     def total_kv_capacity_tokens(self) -> int:
@@ -171,6 +201,7 @@ class Engine:
     def abort(self, req_id: str) -> bool:
         """Stop a request now and free its KV blocks. False if it is unknown or already done."""
         req = self.scheduler.finish(req_id, Status.FINISHED_ABORTED)
+        self.plans.forget(req_id)
         self.states.pop(req_id, None)
         self.generators.pop(req_id, None)
         return req is not None
@@ -179,50 +210,68 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     # -- the step --------------------------------------------------------------------------
-    def build_plan(self, out: SchedulerOutput) -> StepPlan:
-        plan = StepPlan(step_id=out.step_id)
-        for c in out.chunks:
-            req = self.scheduler.requests[c.req_id]
-            plan.seqs.append(SeqWork(
-                req_id=c.req_id,
-                token_ids=req.token_ids(c.start, c.start + c.num_tokens),
-                pos=[(c.start, c.start + c.num_tokens)],
-                block_ids=self.kv.table(c.req_id),
-                num_kv_before=c.start,
-                is_decode=c.is_decode,
-                sample=c.samples,
-            ))
-        return plan
+    def _failure(self, e: BaseException) -> CspsError:
+        self._world.dead = self._world.first_error() or f"rank 0 failed: {type(e).__name__}: {e}"
+        log.error("engine failed: %s", self.dead)
+        self._finalizer()
+        return CspsError(f"the engine's ranks failed ({self.dead.splitlines()[0]})")
 
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        return self.worker.execute(plan)
+    def execute(self, plans: list[StepPlan]) -> torch.Tensor | None:
+        """Runs one step's plans (one per SP rank) on every rank; logits [num_sampled, V] fp32 in
+        the order of ``sample_order(plans)``, or None if nothing is sampled."""
+        if self.dead:
+            raise CspsError(f"the engine is dead: {self.dead.splitlines()[0]}")
+        if not self._finalizer.alive:
+            raise CspsError("the engine was shut down")
+        world, tp = self.rt.groups.world, self.config.parallel.tp
+        try:
+            if world.size > 1:  # every world rank gets its SP rank's plan (TP peers the same one)
+                blobs = [p.to_bytes() for p in plans]
+                world.scatter_bytes([blobs[w // tp] for w in range(world.size)], src=0, kind="plan")
+            hidden = self.rt.execute(plans[0])
+            parts = world.gather_to(hidden, dst=0, kind="sample")
+            stats = world.gather_to(self.rt.step_bytes_tensor(), dst=0, kind="stats")
+        except Exception as e:  # noqa: BLE001 - a rank failed mid-step
+            raise self._failure(e) from None
+        total = torch.stack(stats).sum(0).tolist()
+        self._last_bytes = {k: int(v) for k, v in zip(BYTE_KINDS, total) if v}
+        rows = [x for x in parts if x.numel()]
+        return self.model.logits(torch.cat(rows)) if rows else None
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if out.empty:
             return []
         t0 = time.perf_counter()
+        kv_used = tuple(p.num_used for p in self.pools)
         for c in out.chunks:
             req = self.scheduler.requests[c.req_id]
             if req.metrics.first_scheduled_s is None:
                 req.metrics.first_scheduled_s = t0
-        plan = self.build_plan(out)
-        logits = self.execute(plan)
+        plans = self.plans.build(out, self.scheduler.requests)
+        logits = self.execute(plans)
         self.scheduler.complete_step(out)
-        outputs = self._process_samples(out, logits)
+        outputs = self._process_samples(out, logits, sample_order(plans))
         t1 = time.perf_counter()
-        self.step_log.append(StepRecord(out.step_id, t0, t1 - t0, out.num_prefill_tokens,
-                                        out.num_decode_tokens, len(out.chunks), len(out.preempted),
-                                        self.step_bytes()))
+        record = StepRecord(out.step_id, t0, t1 - t0, out.num_prefill_tokens, out.num_decode_tokens,
+                            len(out.chunks), len(out.preempted), self.step_bytes(), kv_used)
+        self.step_log.append(record)
+        for observe in self.step_observers:
+            observe(out, record)
         return outputs
 
     def step_bytes(self) -> dict[str, int]:
-        return {}
+        """Bytes moved between ranks in the last step, by kind (empty at world size 1)."""
+        return dict(self._last_bytes)
 
-    def _process_samples(self, out: SchedulerOutput, logits: torch.Tensor | None) -> list[RequestOutput]:
+    def _process_samples(self, out: SchedulerOutput, logits: torch.Tensor | None,
+                         order: list[str]) -> list[RequestOutput]:
         chunks = [c for c in out.chunks if c.samples]
         if not chunks:
             return []
+        if order != [c.req_id for c in chunks]:  # gathered rank by rank: back to the scheduler's order
+            index = {req_id: i for i, req_id in enumerate(order)}
+            logits = logits[[index[c.req_id] for c in chunks]]
         rows = []
         for c in chunks:
             req = self.scheduler.requests[c.req_id]
@@ -241,6 +290,7 @@ class Engine:
             if status is not None:
                 state.req.metrics.finished_s = now
                 self.scheduler.finish(c.req_id, status)
+                self.plans.forget(c.req_id)
                 self.states.pop(c.req_id, None)
                 self.generators.pop(c.req_id, None)
             outputs.append(state.make_output(status is not None, status))
@@ -258,4 +308,5 @@ class Engine:
         }
 
     def shutdown(self) -> None:
-        pass
+        """Stop the ranks now (also done when the engine is dropped or the interpreter exits)."""
+        self._finalizer()

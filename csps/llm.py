@@ -44,29 +44,28 @@ def make_engine_config(
 
 
 def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
-    """Build the engine for a config: single process, or rank 0 of an SP × TP world."""
+    """Build the engine for a config (this process is rank 0 of its SP × TP world). Under torchrun,
+    ranks 1..W-1 serve rank 0's plans here and exit instead."""
     from dataclasses import replace
 
-    from csps.engine import TORCH_DTYPES, Engine
+    from csps.dtypes import torch_dtype
+    from csps.engine import Engine
+    from csps.rank_world import check_layout, refuse_if_ranks_running, under_torchrun
     from csps.weights import load_model_weights
 
-    if config.parallel.world_size > 1:
-        from csps.dist_engine import refuse_if_ranks_running
-
-        if "RANK" not in os.environ:  # not under torchrun
-            refuse_if_ranks_running()  # at once, before minutes of loading weights
-    weights = kw.pop("weights", None) or load_model_weights(config.model, TORCH_DTYPES[config.dtype],
+    if config.parallel.world_size > 1 and not under_torchrun():
+        refuse_if_ranks_running()  # at once, before minutes of loading weights
+    weights = kw.pop("weights", None) or load_model_weights(config.model, torch_dtype(config.dtype),
                                                             seed=config.seed)
     model_cfg = weights[0]
     limit = max_model_len or model_cfg.max_position_embeddings
     config = replace(config, scheduler=replace(config.scheduler, max_model_len=limit))
-    if config.parallel.world_size > 1:
-        from csps.dist_engine import DistEngine, is_torchrun_worker, torchrun_worker_main
+    if config.parallel.world_size > 1 and under_torchrun() and int(os.environ["RANK"]) != 0:
+        from csps.engine import kv_pool_blocks
+        from csps.rank_runtime import torchrun_worker_main
 
-        if is_torchrun_worker():  # ranks 1..W-1 under torchrun serve rank 0's plans, then exit
-            torchrun_worker_main(config, weights)
-
-        return DistEngine(config, weights=weights, **kw)
+        check_layout(config, model_cfg)
+        torchrun_worker_main(config, weights, kv_pool_blocks(config, model_cfg))  # exits the process
     return Engine(config, weights=weights, **kw)
 
 

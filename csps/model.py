@@ -17,46 +17,13 @@ import torch.nn.functional as F
 
 from csps.config import ModelConfig
 from csps.kernels import RopeScaling, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from csps.tp_shard import TPShard, split_range
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class AllReduce(Protocol):
     def all_reduce(self, t: torch.Tensor, kind: str) -> torch.Tensor: ...
-
-
-def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
-    """The index-th of ``parts`` near-equal contiguous pieces of range(n) (sizes differ by <= 1)."""
-    base, extra = divmod(n, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
-
-
-@dataclass
-class TPShard:
-    """Which heads and MLP columns this TP rank holds.
-
-    Heads are split as evenly as possible (SmolLM2's 9 heads over TP 2 give 5 + 4); each rank keeps
-    the KV heads its query heads need, so KV heads are replicated when they do not divide evenly.
-    """
-
-    tp_rank: int = 0
-    tp_size: int = 1
-
-    def head_range(self, num_heads: int) -> tuple[int, int]:
-        return split_range(num_heads, self.tp_size, self.tp_rank)
-
-    def kv_head_range(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
-        q0, q1 = self.head_range(num_heads)
-        group = num_heads // num_kv_heads
-        return q0 // group, (q1 - 1) // group + 1
-
-    def kv_head_of_q_head(self, num_heads: int, num_kv_heads: int) -> list[int]:
-        """For each local query head, the index of its KV head among the local KV heads."""
-        q0, q1 = self.head_range(num_heads)
-        k0, _ = self.kv_head_range(num_heads, num_kv_heads)
-        group = num_heads // num_kv_heads
-        return [h // group - k0 for h in range(q0, q1)]
 
 
 @dataclass
@@ -143,6 +110,8 @@ class LlamaModel:
         )
         self.scale = d**-0.5
         self._split = [self.num_local_heads * d, self.num_local_kv_heads * d, self.num_local_kv_heads * d]
+        # local query head -> local KV head, where they do not group evenly (uneven TP head splits)
+        self.kv_head_map = self.tp.kv_head_map(cfg.num_heads, cfg.num_kv_heads)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.tp.tp_size > 1 and self.tp_comm is not None:

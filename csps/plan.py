@@ -1,8 +1,14 @@
-"""The step plan: what each rank computes in one step (plain data, msgpack-able).
+"""The step plan: what one SP rank computes in one step (plain data, msgpack-able, no torch).
 
-Rank 0 builds it from the scheduler output and the KV manager's block tables, broadcasts it,
-and every rank runs it SPMD. Positions are given as ``(start, end)`` ranges so a zigzag shard of
-a sequence-parallel chunk stays small on the wire.
+Rank 0 builds one plan per SP rank from the scheduler output (``PlanBuilder``) and sends each SP
+rank (all TP ranks of it) its own. A plan carries what changed, never what the ranks already know:
+the new tokens and their positions, the KV blocks allocated since the last plan, the requests whose
+KV was freed (finished, aborted, preempted). Each rank keeps its own block tables
+(``BlockTables``). So a plan's bytes and the Python work to build and read it grow with the batch,
+never with the context.
+
+A sequence-parallel chunk names its positions ``[start, end)``: every rank derives every rank's
+share of it from the zigzag placement (``kv_placement``), so no other rank's tokens or blocks travel.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import msgpack
+
+from csps import kv_placement as kp
 
 Ranges = list[tuple[int, int]]
 
@@ -27,15 +35,13 @@ def ranges_to_list(r: Ranges) -> list[int]:
 
 @dataclass
 class SeqWork:
-    """One sequence's work on one rank in one step."""
+    """One sequence's work on this rank in one step."""
 
     req_id: str
     token_ids: list[int]  # the new tokens this rank computes
     pos: Ranges  # their positions
-    block_ids: list[int]  # this rank's KV blocks for the sequence (after this step)
+    new_block_ids: list[int]  # KV blocks this rank allocated for the sequence since its last plan
     num_kv_before: int  # local KV tokens cached before this step; new ones follow in slot order
-    kv_pos: Ranges | None = None  # positions of all local KV tokens (None: 0..num_kv contiguous)
-    sp_layout: tuple[int, int, int] | None = None  # (sp, rank, granule): zigzag KV placement
     is_decode: bool = False
     sample: bool = False  # this rank returns the hidden state of the last new token
 
@@ -50,22 +56,50 @@ class SeqWork:
 
 @dataclass
 class SPSeqWork:
-    """A sequence-parallel sequence: every SP rank's share, known to all of them."""
+    """A sequence-parallel chunk: positions [start, end) spread zigzag over the SP ranks."""
 
     req_id: str
-    per_rank: list[SeqWork]  # index = SP rank
+    start: int
+    end: int
+    mine: SeqWork  # this rank's share
     exchange: str = "pass_kv"  # pass_kv | pass_q | ulysses (prefill); decode is always pass_q
-    owner_rank: int = 0
+    is_decode: bool = False
+
+    def shares(self, sp: int, granule: int) -> list[RankShare]:
+        """Every SP rank's share of the chunk (derived, the same on every rank)."""
+        ranges = kp.ranges_per_rank(self.start, self.end, sp, granule)
+        return [RankShare(ranges[r], kp.count_before(self.start, r, sp, granule)) for r in range(sp)]
+
+    def owner_rank(self, sp: int, granule: int) -> int:
+        """The rank holding the chunk's last position: it samples the next token."""
+        return kp.rank_of(self.end - 1, sp, granule)
+
+
+@dataclass(frozen=True)
+class RankShare:
+    pos: Ranges  # positions this rank computes
+    num_kv_before: int  # its KV tokens of the sequence before this step
+
+    @property
+    def num_tokens(self) -> int:
+        return ranges_len(self.pos)
+
+    @property
+    def num_kv(self) -> int:
+        return self.num_kv_before + self.num_tokens
 
 
 @dataclass
 class StepPlan:
     step_id: int
-    seqs: list[SeqWork] = field(default_factory=list)  # single-rank sequences (this rank's)
-    per_rank: dict[int, list[SeqWork]] = field(default_factory=dict)  # rank -> its local seqs
+    seqs: list[SeqWork] = field(default_factory=list)  # single-rank sequences of this rank
     sp_seqs: list[SPSeqWork] = field(default_factory=list)
-    free_req_ids: list[str] = field(default_factory=list)
+    free_req_ids: list[str] = field(default_factory=list)  # drop these block tables before the step
     shutdown: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs and not self.sp_seqs
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(asdict(self), use_bin_type=True)
@@ -76,18 +110,36 @@ class StepPlan:
 
         def seq(x: dict) -> SeqWork:
             x["pos"] = [tuple(r) for r in x["pos"]]
-            if x["kv_pos"] is not None:
-                x["kv_pos"] = [tuple(r) for r in x["kv_pos"]]
-            if x["sp_layout"] is not None:
-                x["sp_layout"] = tuple(x["sp_layout"])
             return SeqWork(**x)
 
         return StepPlan(
             step_id=d["step_id"],
             seqs=[seq(s) for s in d["seqs"]],
-            per_rank={int(r): [seq(s) for s in v] for r, v in d["per_rank"].items()},
-            sp_seqs=[SPSeqWork(req_id=s["req_id"], per_rank=[seq(w) for w in s["per_rank"]],
-                               exchange=s["exchange"], owner_rank=s["owner_rank"]) for s in d["sp_seqs"]],
+            sp_seqs=[SPSeqWork(req_id=s["req_id"], start=s["start"], end=s["end"], mine=seq(s["mine"]),
+                               exchange=s["exchange"], is_decode=s["is_decode"]) for s in d["sp_seqs"]],
             free_req_ids=d["free_req_ids"],
             shutdown=d["shutdown"],
         )
+
+
+class BlockTables:
+    """One rank's block tables, kept up to date from the plans it receives."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[int]] = {}
+
+    def apply(self, plan: StepPlan) -> None:
+        for req_id in plan.free_req_ids:
+            self.tables.pop(req_id, None)
+        for s in plan.seqs:
+            self.extend(s)
+        for s in plan.sp_seqs:
+            self.extend(s.mine)
+
+    def extend(self, s: SeqWork) -> list[int]:
+        table = self.tables.setdefault(s.req_id, [])
+        table.extend(s.new_block_ids)
+        return table
+
+    def __getitem__(self, req_id: str) -> list[int]:
+        return self.tables.get(req_id, [])

@@ -1,53 +1,71 @@
-"""What one rank of an SP × TP world holds and does: its model shard, its KV cache, its groups.
+"""What one rank of an SP × TP world holds and does: its model shard, its KV cache, its block
+tables, its groups. The same class runs every world size; at world size 1 its groups are groups of
+one and nothing is communicated.
 
 ``execute(plan)`` runs the rank's share of a step — its single-rank sequences plus its share of
-every sequence-parallel one — and returns the final hidden states of the tokens it must sample
+every sequence-parallel chunk — and returns the final hidden states of the tokens it must sample
 (only TP rank 0 of each SP group returns them; TP peers hold identical activations).
+Ranks 1..W-1 run ``rank_loop``: receive their plan, run it, send results, until a shutdown plan.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import torch
 
 from csps.attn_context import KVCacheTensors
-from csps.engine import TORCH_DTYPES
+from csps.dtypes import torch_dtype
 from csps.exchange import measure_link
 from csps.hardware import LinkProfile
-from csps.model import LlamaModel, TPShard
+from csps.model import LlamaModel
+from csps.tp_shard import TPShard
+from csps.parallel.comm import Comm
 from csps.parallel.groups import ParallelGroups, build_groups
-from csps.plan import StepPlan
+from csps.plan import BlockTables, SeqWork, StepPlan, ranges_to_list
 from csps.sp_attention import SPAttention
-from csps.worker import batch_tensors, sample_rows
+
+log = logging.getLogger("csps.rank_runtime")
+
+# the kinds of bytes a step moves, in the order ranks report them to rank 0
+BYTE_KINDS = ("plan", "sample", "pass_kv", "pass_q", "pass_q_pos", "pass_q_out", "ulysses_a2a",
+              "tp_allreduce")
 
 
-def sample_order(plan: StepPlan, groups: ParallelGroups) -> list[str]:
-    """Request ids of the sampled rows, in the order rank 0 gathers them (world rank by world rank)."""
-    order = []
-    for w in range(groups.world_size):
-        sp_rank, tp_rank = divmod(w, groups.tp)
-        if tp_rank:
-            continue
-        order += [s.req_id for s in plan.per_rank.get(sp_rank, []) if s.sample]
-        order += [s.req_id for s in plan.sp_seqs if s.per_rank[sp_rank].sample]
-    return order
+def batch_tensors(seqs: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed batch: token ids [T] and positions [T] (int64), sequence after sequence."""
+    ids: list[int] = []
+    pos: list[int] = []
+    for s in seqs:
+        ids.extend(s.token_ids)
+        pos.extend(ranges_to_list(s.pos))
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
+
+
+def sample_rows(seqs: list[SeqWork]) -> list[int]:
+    """Rows of the packed batch whose hidden state is sampled (each sampling sequence's last token)."""
+    rows, row = [], 0
+    for s in seqs:
+        row += s.num_tokens
+        if s.sample:
+            rows.append(row - 1)
+    return rows
 
 
 class RankRuntime:
     def __init__(self, config, weights, num_blocks: int) -> None:
         p = config.parallel
         self.config = config
-        self.groups = build_groups(p.sp, p.tp)
+        self.groups: ParallelGroups = build_groups(p.sp, p.tp)
         model_cfg, state_dict = weights
-        dtype = TORCH_DTYPES[config.dtype]
+        dtype = torch_dtype(config.dtype)
         shard = TPShard(self.groups.tp_rank, p.tp)
         self.model = LlamaModel(model_cfg, state_dict, dtype, shard, tp_comm=self.groups.tp_comm)
         self.cache = KVCacheTensors(model_cfg.num_layers, num_blocks, config.cache.block_size,
                                     self.model.num_local_kv_heads, model_cfg.head_dim, dtype)
-        group = model_cfg.num_heads // model_cfg.num_kv_heads
-        uneven = [h // group for h in range(*shard.head_range(model_cfg.num_heads))]
-        k0 = shard.kv_head_range(model_cfg.num_heads, model_cfg.num_kv_heads)[0]
-        even = self.model.num_local_heads == self.model.num_local_kv_heads * group
-        self.kv_head_map = None if even else [h - k0 for h in uneven]
+        self.tables = BlockTables()
         self.fault = config.debug_fault  # (world rank, step id): tests inject a failure
 
     def handshake(self) -> LinkProfile | None:
@@ -57,28 +75,36 @@ class RankRuntime:
             return None
         return measure_link(comm)
 
+    def attention_for(self, plan: StepPlan) -> SPAttention:
+        return SPAttention(plan.seqs, plan.sp_seqs, self.tables, self.cache, self.groups.sp_comm, self.model.scale,
+                           self.model.cfg.sliding_window, self.model.kv_head_map)
+
+    @torch.inference_mode()
+    def forward_hidden(self, plan: StepPlan) -> torch.Tensor:
+        """Applies the plan's block-table changes, runs it; final hidden states [T, H] of every new token."""
+        self.tables.apply(plan)
+        seqs = plan.seqs + [s.mine for s in plan.sp_seqs]
+        input_ids, positions = batch_tensors(seqs)
+        return self.model.forward(input_ids, positions, self.attention_for(plan))
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Hidden states [num_sampled, H] of the rows this rank samples (none on TP ranks > 0)."""
         if self.fault is not None and self.fault == (self.groups.world_rank, plan.step_id):
             raise RuntimeError(f"injected fault at step {plan.step_id}")
-        me = self.groups.sp_rank
-        local = plan.per_rank.get(me, [])
         empty = torch.zeros(0, self.model.cfg.hidden_size, dtype=self.model.dtype)
-        if not local and not plan.sp_seqs:
+        if plan.empty:
+            self.tables.apply(plan)
             return empty
-        seqs = local + [s.per_rank[me] for s in plan.sp_seqs]
-        input_ids, positions = batch_tensors(seqs)
-        attn = SPAttention(local, plan.sp_seqs, me, self.cache, self.groups.sp_comm, self.model.scale,
-                           self.model.cfg.sliding_window, self.kv_head_map)
-        hidden = self.model.forward(input_ids, positions, attn)
+        hidden = self.forward_hidden(plan)
         if self.groups.tp_rank:
             return empty
-        return hidden[sample_rows(seqs)].contiguous()
+        return hidden[sample_rows(plan.seqs + [s.mine for s in plan.sp_seqs])].contiguous()
 
-    def step_bytes_tensor(self, kinds: tuple[str, ...]) -> torch.Tensor:
-        """Bytes this rank sent in the step, per kind (all its communicators), then reset."""
+    def step_bytes_tensor(self) -> torch.Tensor:
+        """Bytes this rank sent in the step, per kind in ``BYTE_KINDS`` (all its communicators), then reset."""
         comms = {id(c): c for c in (self.groups.world, self.groups.sp_comm, self.groups.tp_comm)}
-        totals = [sum(c.bytes_step.get(k, 0) for c in comms.values()) for k in kinds]
+        totals = [sum(c.bytes_step.get(k, 0) for c in comms.values()) for k in BYTE_KINDS]
         for c in comms.values():
             c.reset_step()
         return torch.tensor(totals, dtype=torch.int64)
@@ -88,3 +114,57 @@ class RankRuntime:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rank_loop(rt: RankRuntime) -> None:
+    """Ranks 1..W-1: execute their plans until told to stop."""
+    world = rt.groups.world
+    while True:
+        plan = StepPlan.from_bytes(world.scatter_bytes(None, src=0, kind="plan"))
+        if plan.shutdown:
+            return
+        hidden = rt.execute(plan)
+        world.gather_to(hidden, dst=0, kind="sample")
+        world.gather_to(rt.step_bytes_tensor(), dst=0, kind="stats")
+
+
+def child_main(rank: int, world_size: int, config, weights, num_blocks: int) -> None:
+    """A rank process started by rank 0 (``RankGroup``): build the runtime, serve plans."""
+    from csps.weights import SharedWeights
+
+    model_cfg, sd = weights
+    if isinstance(sd, SharedWeights):
+        sd = sd.state_dict()
+    rt = RankRuntime(config, (model_cfg, sd), num_blocks)
+    del weights, sd
+    rt.handshake()
+    rank_loop(rt)
+    rt.close()
+
+
+def agree_num_blocks(num_blocks: int) -> int:
+    """Under torchrun each rank sized its pool from its own free memory: take rank 0's size."""
+    import torch.distributed as dist
+
+    t = torch.tensor([num_blocks], dtype=torch.int64)
+    Comm(None, list(range(dist.get_world_size()))).broadcast(t, src=0, kind="plan")
+    return int(t[0])
+
+
+def is_torchrun_worker() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0
+
+
+def torchrun_worker_main(config, weights, num_blocks: int) -> None:
+    """A non-zero rank launched by torchrun: join the rendezvous, serve plans, exit the process."""
+    from csps.parallel.groups import init_distributed
+
+    init_distributed(config.parallel.backend)
+    code = 0
+    try:
+        child_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config, weights,
+                   agree_num_blocks(num_blocks))
+    except Exception as e:  # noqa: BLE001
+        log.error("rank %s failed: %s", os.environ["RANK"], e)
+        code = 1
+    sys.exit(code)

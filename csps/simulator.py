@@ -17,7 +17,6 @@ A ``Strategy`` is one way to use the GPUs:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from csps.bench_report import RequestSample, StepSample, summarize_run
@@ -84,15 +83,14 @@ def standard_strategies(gpus: int, *, tp: int = 1, token_budget: int = 512, poli
 
 def kv_bytes_per_block(model: ModelConfig, dtype_bytes: int, block_size: int, tp: int = 1) -> int:
     """One KV block's bytes on one device (a TP group splits the KV heads, replicating below one each)."""
-    return block_size * 2 * model.num_layers * math.ceil(model.num_kv_heads / tp) * model.head_dim * dtype_bytes
+    return block_size * model.kv_bytes_per_token(dtype_bytes, tp)
 
 
 def kv_tokens_per_rank(model: ModelConfig, hw: HardwareProfile, tp: int, dtype_bytes: int) -> int:
     """KV tokens one SP rank (tp devices) holds: device memory left after its weight shard."""
     weights_per_device = model.num_params() * dtype_bytes / tp
     free = hw.mem_bytes * MEM_FRACTION - weights_per_device
-    kv_heads_per_device = math.ceil(model.num_kv_heads / tp)  # replicated when tp > num_kv_heads
-    per_token = 2 * model.num_layers * kv_heads_per_device * model.head_dim * dtype_bytes
+    per_token = model.kv_bytes_per_token(dtype_bytes, tp)  # KV heads replicated when tp > num_kv_heads
     if free <= per_token:
         raise CspsError(f"{model.name or 'the model'} does not fit {hw.name} with tp={tp}: "
                         f"{weights_per_device / 2**30:.1f} GiB of weights per device")

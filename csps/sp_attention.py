@@ -27,7 +27,7 @@ from csps.kernels.paged import gather_kv, write_kv
 from csps.parallel.comm import Comm
 from csps.parallel.pass_q import pass_q_attention
 from csps.parallel.ring_attention import ring_attention
-from csps.plan import SeqWork, SPSeqWork, ranges_to_list
+from csps.plan import BlockTables, SeqWork, SPSeqWork, ranges_to_list
 
 
 def local_positions(num: int, layout: tuple[int, int, int]) -> torch.Tensor:
@@ -41,41 +41,46 @@ def local_positions(num: int, layout: tuple[int, int, int]) -> torch.Tensor:
 
 
 class _SPSeq:
-    """Per-step facts about one SP sequence, seen from this rank."""
+    """Per-step facts about one SP sequence, seen from this rank (every rank's share is derived from
+    the chunk's positions: nothing about other ranks travels in the plan)."""
 
-    def __init__(self, s: SPSeqWork, me: int, row: int) -> None:
+    def __init__(self, s: SPSeqWork, me: int, sp: int, granule: int, block_ids: list[int], row: int) -> None:
         self.work = s
-        self.mine: SeqWork = s.per_rank[me]
+        self.mine: SeqWork = s.mine
         self.rows = slice(row, row + self.mine.num_tokens)
-        self.block_ids = torch.tensor(self.mine.block_ids, dtype=torch.int64)
-        self.q_pos = [torch.tensor(ranges_to_list(w.pos), dtype=torch.int64) for w in s.per_rank]
-        self.num_q = [w.num_tokens for w in s.per_rank]
-        self.k_pos = [local_positions(w.num_kv, w.sp_layout) for w in s.per_rank]
-        self.cached_k_pos = [local_positions(w.num_kv_before, w.sp_layout) for w in s.per_rank]
-        self.is_decode = s.per_rank[s.owner_rank].is_decode
+        self.block_table = block_ids
+        self.block_ids = torch.tensor(block_ids, dtype=torch.int64)
+        shares = s.shares(sp, granule)
+        self.q_pos = [torch.tensor(ranges_to_list(w.pos), dtype=torch.int64) for w in shares]
+        self.num_q = [w.num_tokens for w in shares]
+        self.k_pos = [local_positions(w.num_kv, (sp, r, granule)) for r, w in enumerate(shares)]
+        self.cached_k_pos = [local_positions(w.num_kv_before, (sp, r, granule)) for r, w in enumerate(shares)]
+        self.any_cached = any(w.num_kv_before for w in shares)
+        self.is_decode = s.is_decode
 
 
 class SPAttention:
-    def __init__(self, local: list[SeqWork], sp_seqs: list[SPSeqWork], me: int, cache: KVCacheTensors,
+    def __init__(self, local: list[SeqWork], sp_seqs: list[SPSeqWork], tables: BlockTables, cache: KVCacheTensors,
                  sp_comm: Comm, scale: float, sliding_window: int | None = None,
                  kv_head_map: list[int] | None = None) -> None:
-        self.local = LocalAttention(local, cache, scale, sliding_window, kv_head_map)
+        self.local = LocalAttention(local, [tables[s.req_id] for s in local], cache, scale, sliding_window,
+                                    kv_head_map)
         self.cache, self.comm, self.scale, self.window = cache, sp_comm, scale, sliding_window
         self.kv_head_map = torch.tensor(kv_head_map) if kv_head_map is not None else None
         row = self.local.num_rows
         self.seqs: list[_SPSeq] = []
         slots = [self.local.slots]
         for s in sp_seqs:
-            seq = _SPSeq(s, me, row)
+            seq = _SPSeq(s, sp_comm.rank, sp_comm.size, cache.block_size, tables[s.req_id], row)
             self.seqs.append(seq)
             row += seq.mine.num_tokens
-            slots.append(torch.tensor(slots_for(seq.mine, cache.block_size), dtype=torch.int64))
+            slots.append(torch.tensor(slots_for(seq.mine, seq.block_table, cache.block_size), dtype=torch.int64))
         self.slots = torch.cat(slots)
         self.decodes = [s for s in self.seqs if s.is_decode]
         # runs of blocks to read each decode's local KV in place (None: gather), once per step; attention
         # by positions handles a window over any split of the keys
         in_place = can_read_in_place(cache)
-        self.decode_runs = {id(s): in_place_runs(s.mine.block_ids, s.mine.num_kv, cache.block_size) if in_place
+        self.decode_runs = {id(s): in_place_runs(s.block_table, s.mine.num_kv, cache.block_size) if in_place
                             else None for s in self.decodes}
         self.prefills = [s for s in self.seqs if not s.is_decode]
 
@@ -167,7 +172,7 @@ class SPAttention:
         if self.kv_head_map is not None:  # uneven TP head groups: give every query head its KV head
             kn, vn = kn.index_select(1, self.kv_head_map), vn.index_select(1, self.kv_head_map)
         o_new, l_new = ulysses_attention(qs, kn, vn, s.q_pos, self.comm, self.scale, self.window)
-        if not any(x.num_kv_before for x in s.work.per_rank):
+        if not s.any_cached:
             return o_new
         kk, vv = self._local_kv(layer, s, w.num_kv_before)
         o_old, l_old = self._pass_q(qs, qp, s, kk, vv, s.cached_k_pos[me], attn_fn)

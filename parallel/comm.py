@@ -12,8 +12,9 @@ Byte counting rules (n = payload bytes, P = group size; a size-1 group moves and
   * ``all_reduce``: the ring all-reduce volume ``2 * (P - 1) * n // P`` (integer division), what
     a bandwidth-optimal reduce-scatter + all-gather sends per rank, whatever gloo/NCCL really do.
   * ``broadcast``: the source counts ``(P - 1) * n`` (one copy per receiver, the flat model);
-    receivers count 0. ``broadcast_bytes`` broadcasts an 8-byte length, then the payload (the
-    payload only if non-empty), both under ``kind``: the source counts ``(P - 1) * (8 + len)``.
+    receivers count 0.
+  * ``scatter_bytes``: the source sends each other rank an 8-byte length, then that rank's payload
+    (if non-empty): it counts ``sum(8 + len)`` over the other ranks; receivers count 0.
   * ``gather_to``: each non-destination rank counts its payload, plus ``8 * ndim`` bytes of shape
     header when the caller does not pass ``shapes``; the destination counts 0.
   * ``count(kind, n)``: traffic that bypasses this module and is counted by its caller from shapes.
@@ -187,24 +188,37 @@ class Comm:
         dist.broadcast(t, self._global(src), group=self.group)
         return t
 
-    def broadcast_bytes(self, data: bytes | None, src: int, kind: str) -> bytes:
-        """Broadcast a byte string from group rank ``src``; other ranks pass None."""
+    def scatter_bytes(self, blobs: Sequence[bytes] | None, src: int, kind: str) -> bytes:
+        """Send group rank r the byte string ``blobs[r]`` from ``src`` (others pass None); returns this
+        rank's. Each rank receives only its own (a length, then the bytes, point to point)."""
         if self.size == 1:
-            return bytes(data or b"")
-        is_src = self.rank == src
-        if is_src and data is None:
-            raise ValueError("broadcast_bytes: the source rank must pass the data")
-        length = torch.tensor([len(data) if is_src else 0], dtype=torch.int64)
-        self.broadcast(length, src, kind)
+            return bytes(blobs[0])
+        if self.rank == src:
+            if blobs is None or len(blobs) != self.size:
+                raise ValueError(f"scatter_bytes: the source rank must pass {self.size} byte strings")
+            works, keep = [], []
+            for r in range(self.size):
+                if r == src:
+                    continue
+                length = torch.tensor([len(blobs[r])], dtype=torch.int64)
+                keep.append(length)
+                works.append(dist.isend(length, self._global(r), group=self.group))
+                self.count(kind, _nbytes(length))
+                if blobs[r]:
+                    buf = torch.frombuffer(bytearray(blobs[r]), dtype=torch.uint8)
+                    keep.append(buf)
+                    works.append(dist.isend(buf, self._global(r), group=self.group))
+                    self.count(kind, len(blobs[r]))
+            _wait_all(works)
+            return bytes(blobs[src])
+        length = torch.empty(1, dtype=torch.int64)
+        dist.recv(length, self._global(src), group=self.group)
         num_bytes = int(length.item())
         if num_bytes == 0:
             return b""
-        if is_src:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        else:
-            buf = torch.empty(num_bytes, dtype=torch.uint8)
-        self.broadcast(buf, src, kind)
-        return data if is_src else buf.numpy().tobytes()
+        buf = torch.empty(num_bytes, dtype=torch.uint8)
+        dist.recv(buf, self._global(src), group=self.group)
+        return buf.numpy().tobytes()
 
     def gather_to(
         self,

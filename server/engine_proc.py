@@ -291,13 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
         kw = dict(spec["engine_kwargs"])
         config = make_engine_config(**kw)
-        try:
-            engine = create_engine(config, max_model_len=kw.get("max_model_len"))
-        except ImportError as e:
-            if config.parallel.world_size == 1:
-                raise
-            raise CspsError(f"--sp {config.parallel.sp} --tp {config.parallel.tp} needs the multi-rank engine, "
-                            f"which this build lacks ({e})") from None
+        engine = create_engine(config, max_model_len=kw.get("max_model_len"))
         server = EngineServer(engine, pull, push, spec["max_waiting"], spec["parent_pid"])
         server.send({"type": ipc.READY, "info": server.info()})
         server.run()

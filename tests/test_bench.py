@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from csps.bench import DTYPE_BYTES
 from csps.bench_report import distribution, format_table, percentile
 from csps.device import resolve_dtype
+from csps.dtypes import DTYPE_BYTES
 from csps.errors import CspsError
 from csps.workloads import WorkloadConfig, arrival_times, book_text, make_workload
 

@@ -36,7 +36,7 @@ def test_preempted_requests_give_the_same_tokens(llm):
     got = small.generate(ps, GREEDY, use_tqdm=False)
     assert sum(o.num_preemptions for o in got) > 0, "the small pool must force preemption"
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
-    assert small.engine.pool.num_used == 0
+    assert small.engine.pools[0].num_used == 0
 
 
 def test_prefix_cache_hit_same_tokens_fewer_computed(llm):
@@ -109,13 +109,13 @@ def test_streaming_deltas_add_up(llm):
 
 def test_abort_frees_blocks(llm):
     e = llm.engine
-    before = e.pool.num_used
+    before = e.pools[0].num_used
     rid = e.add_request(prompts(1, [100], seed=7)[0], SamplingParams(max_tokens=100, ignore_eos=True))
     e.step()
     e.step()
-    assert e.pool.num_used > before
+    assert e.pools[0].num_used > before
     assert e.abort(rid)
-    assert e.pool.num_used == before and not e.has_unfinished()
+    assert e.pools[0].num_used == before and not e.has_unfinished()
     assert not e.abort(rid)
 
 

@@ -206,10 +206,10 @@ def test_batched_decodes_read_long_runs_in_place(kv_head_map):
     interleaved = list(range(31, 31 + 2 * 69, 2))[:69]
     lens = [1100, 1024, 1100, 100]
     tables = [runs_table, exact_table, interleaved, list(range(250, 257))]
-    seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(n - 1, n)], block_ids=t, num_kv_before=n - 1, is_decode=True)
-            for i, (n, t) in enumerate(zip(lens, tables))]
+    seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(n - 1, n)], new_block_ids=[], num_kv_before=n - 1,
+                    is_decode=True) for i, n in enumerate(lens)]
     q, k_new, v_new = rand(4, hq, d), rand(4, hkv, d), rand(4, hkv, d)
-    attn = LocalAttention(seqs, cache, scale=d**-0.5, kv_head_map=kv_head_map)
+    attn = LocalAttention(seqs, tables, cache, scale=d**-0.5, kv_head_map=kv_head_map)
     assert [r for r, _, _ in attn.decodes_in_place] == [0, 1] and len(block_runs(runs_table)) == 4
     out = attn(0, q, k_new, v_new)
     for i, (n, t) in enumerate(zip(lens, tables)):

@@ -3,33 +3,30 @@
 import pytest
 import torch
 
-from csps.attn_context import KVCacheTensors
 from csps.engine import Engine
 from csps.llm import make_engine_config
-from csps.model import LlamaModel
-from csps.plan import SeqWork
+from csps.plan import SeqWork, StepPlan
+from csps.rank_runtime import RankRuntime
 from csps.sampling_params import SamplingParams
-from csps.worker import Worker
 from hf_oracle import build_hf, hf_greedy, hf_logits
 
 TOL = 1e-3
 BLOCK = 16
 
 
-def chunked_logits(model: LlamaModel, ids: list[int], chunk: int) -> torch.Tensor:
-    """Run a prompt through the paged cache in chunks of ``chunk`` tokens; logits of every token."""
+def chunked_logits(weights, ids: list[int], chunk: int) -> torch.Tensor:
+    """Run a prompt through one rank's paged cache in chunks of ``chunk`` tokens; logits of every token."""
     n = len(ids)
     num_blocks = -(-n // BLOCK) + 2
-    cache = KVCacheTensors(model.cfg.num_layers, num_blocks, BLOCK, model.cfg.num_kv_heads,
-                           model.cfg.head_dim, torch.float32)
-    worker = Worker(model, cache)
+    config = make_engine_config(model="test", dtype="float32", block_size=BLOCK, max_model_len=4096)
+    rt = RankRuntime(config, weights, num_blocks)
     blocks = list(range(1, num_blocks))
     out = []
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         seq = SeqWork(req_id="r", token_ids=ids[start:end], pos=[(start, end)],
-                      block_ids=blocks, num_kv_before=start)
-        out.append(model.logits(worker.forward_hidden([seq])))
+                      new_block_ids=blocks if start == 0 else [], num_kv_before=start)
+        out.append(rt.model.logits(rt.forward_hidden(StepPlan(step_id=start, seqs=[seq]))))
     return torch.cat(out)
 
 
@@ -45,8 +42,7 @@ def test_logits_match_transformers(arch_model, chunk):
     n = 600 if chunk in (None, 512) else (40 if chunk == 1 else 200)
     ids = torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = hf_logits(hf, ids)
-    model = LlamaModel(cfg, sd, torch.float32)
-    ours = chunked_logits(model, ids, chunk or n)
+    ours = chunked_logits((cfg, sd), ids, chunk or n)
     assert ref.abs().max() > 0.5, "logits should be of order 1 for a meaningful tolerance"
     diff = (ours - ref).abs().max().item()
     assert diff <= TOL, f"{arch} chunk={chunk}: max |diff| = {diff:.2e}"

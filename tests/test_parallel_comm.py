@@ -18,7 +18,7 @@ def test_single_comm_is_a_local_noop():
     assert comm.all_to_all([t], [(4,)], "pass_q")[0] is t
     assert comm.all_reduce(t, "tp_allreduce") is t and torch.equal(t, torch.arange(4.0))
     assert comm.broadcast(t, 0, "plan") is t
-    assert comm.broadcast_bytes(b"plan", 0, "plan") == b"plan"
+    assert comm.scatter_bytes([b"plan"], 0, "plan") == b"plan"
     assert comm.gather_to(t, 0, "plan")[0] is t
     comm.barrier()
     assert comm.bytes_total == {} and not dist.is_initialized()
@@ -48,14 +48,14 @@ def _comm_ops(rank, world_size):
     comm.all_reduce(t, "tp_allreduce")
     out["allreduce_ok"] = torch.equal(t, torch.full((5, 2), float(p * (p + 1) // 2)))
     out["allreduce_bytes"] = comm.bytes_step["tp_allreduce"]
-    # broadcast from the last rank; broadcast_bytes, also empty
+    # broadcast from the last rank; scatter_bytes: each rank its own blob, one of them empty
     b = torch.arange(6.0) if rank == p - 1 else torch.zeros(6)
     comm.broadcast(b, p - 1, "bcast")
     out["bcast_ok"] = torch.equal(b, torch.arange(6.0))
     out["bcast_bytes"] = comm.bytes_step.get("bcast", 0)
-    blob = comm.broadcast_bytes(b"step plan \x00\xff" if rank == 0 else None, 0, "plan")
-    empty = comm.broadcast_bytes(b"" if rank == 0 else None, 0, "plan")
-    out["bytes_ok"] = blob == b"step plan \x00\xff" and empty == b""
+    blobs = [b"step plan \x00\xff" * (r + 1) if r != 1 else b"" for r in range(p)]
+    blob = comm.scatter_bytes(blobs if rank == 0 else None, 0, "plan")
+    out["bytes_ok"] = blob == blobs[rank]
     out["plan_bytes"] = comm.bytes_step.get("plan", 0)
     # gather_to rank 1, variable sizes, with and without known shapes
     mine = torch.full((rank, 2), float(rank))
@@ -87,8 +87,8 @@ def test_comm_ops_and_byte_counts(world_size):
         assert out["a2a_bytes"] == sum((r + j) % 3 for j in range(p) if j != r) * e
         assert out["allreduce_bytes"] == 2 * (p - 1) * 10 * e // p
         assert out["bcast_bytes"] == ((p - 1) * 6 * e if r == p - 1 else 0)
-        payload = len(b"step plan \x00\xff")
-        assert out["plan_bytes"] == ((p - 1) * (8 + payload + 8) if r == 0 else 0)
+        payload = len(b"step plan \x00\xff")  # rank r gets r + 1 copies, rank 1 none; 8 bytes of length each
+        assert out["plan_bytes"] == (sum(8 + (j + 1) * payload * (j != 1) for j in range(1, p)) if r == 0 else 0)
         header = 8 * 2  # shape of a 2-d tensor, first gather only
         assert out["gather_bytes"] == (0 if r == 1 else 2 * (r * 2 * e) + header)
 

@@ -45,12 +45,14 @@ def test_logits_match_transformers_on_gguf(hf_smollm2, llm32):
     with torch.inference_mode():
         ref = hf_smollm2(torch.tensor([ids])).logits[0, -1].float()
     engine = llm32.engine
-    from csps.plan import SeqWork
+    from csps.plan import SeqWork, StepPlan
 
-    blocks = engine.kv.pool.allocate(-(-len(ids) // 16))
+    pool = engine.kvs[0].pool
+    blocks = pool.allocate(-(-len(ids) // 16))
     try:
-        seq = SeqWork(req_id="x", token_ids=ids, pos=[(0, len(ids))], block_ids=blocks, num_kv_before=0)
-        ours = engine.model.logits(engine.worker.forward_hidden([seq]))[-1]
+        seq = SeqWork(req_id="x", token_ids=ids, pos=[(0, len(ids))], new_block_ids=blocks, num_kv_before=0)
+        ours = engine.model.logits(engine.rt.forward_hidden(StepPlan(step_id=-1, seqs=[seq])))[-1]
     finally:
-        engine.kv.pool.free(blocks)
+        engine.rt.tables.apply(StepPlan(step_id=-1, free_req_ids=["x"]))
+        pool.free(blocks)
     assert (ours - ref).abs().max().item() <= 1e-3

@@ -65,7 +65,7 @@ def test_pass_q_decode_bytes_do_not_grow_with_context():
     cfg = make_engine_config(model="dummy:tiny", dtype="float32", sp=2, token_budget=2048, num_blocks=1200,
                              max_model_len=20000, sp_threshold_tokens=64, enable_prefix_caching=False)
     engine = create_engine(cfg, max_model_len=20000, load_tokenizer_=False)
-    per_token = {}
+    per_token, plan_bytes = {}, {}
     try:
         for n in (1024, 4096, 16384):
             engine.add_request([7 + i % 1000 for i in range(n)], SamplingParams(max_tokens=4, ignore_eos=True))
@@ -74,9 +74,14 @@ def test_pass_q_decode_bytes_do_not_grow_with_context():
             decode_steps = [r for r in engine.step_log if r.num_decode_tokens and not r.num_prefill_tokens]
             last = decode_steps[-1].bytes_by_kind
             per_token[n] = (last.get("pass_q", 0), last.get("pass_q_out", 0), last.get("pass_kv", 0))
+            plan_bytes[n] = last["plan"]
     finally:
         engine.shutdown()
     assert per_token[1024] == per_token[4096] == per_token[16384]
+    # the step plan carries what changed, not the block tables: its bytes do not grow with the context
+    # (a block table of 16k tokens alone would be 1,024 block ids); integers may take a byte more to encode
+    assert max(plan_bytes.values()) - min(plan_bytes.values()) <= 8, plan_bytes
+    assert plan_bytes[16384] < 256  # 192 bytes here; the block tables alone were 2.6 kB at 16k before
     q_bytes, out_bytes, kv_bytes = per_token[1024]
     m = engine.model_config  # one query of Hq·D fp32 to the other rank per layer, partials back
     assert q_bytes == m.num_layers * m.num_heads * m.head_dim * 4
