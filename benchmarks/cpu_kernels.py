@@ -19,8 +19,6 @@ Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decod
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import os
 import statistics
 import sys
@@ -33,11 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import save, table  # noqa: E402
 
 from csps.kernels import decode_attention  # noqa: E402
+from csps.kernels import attention_torch  # noqa: E402
 from csps.kernels.paged import gather_kv_padded  # noqa: E402
 from csps.presets import preset_config  # noqa: E402
 
 M = preset_config("smollm2-135m")
-attention_mod = importlib.import_module("csps.kernels.attention")  # the module (the package exports the function)
 
 
 def ms(fn, reps: int = 10) -> float:
@@ -73,15 +71,14 @@ def bench_linear() -> dict:
 
 
 def _zigzag_case(q_pos, k_pos_by_block, fast: dict, slow: dict) -> dict:
-    """attention() of q_pos over each block of keys with the module settings ``fast`` vs ``slow``."""
+    """attention_torch() of q_pos over each block of keys with the path settings ``fast`` vs ``slow``."""
     q = torch.randn(q_pos.shape[0], M.num_heads, M.head_dim)
     out = {}
     for name, k_pos in k_pos_by_block.items():
         k, v = torch.randn(k_pos.shape[0], M.num_kv_heads, M.head_dim), torch.randn(k_pos.shape[0], M.num_kv_heads, M.head_dim)
         timed = {}
         for label, settings in (("fast", fast), ("slow", slow)):
-            with mock.patch.multiple(attention_mod, **settings) if settings else contextlib.nullcontext():
-                timed[label] = ms(lambda: attention_mod.attention(q, k, v, q_pos, k_pos), reps=3)
+            timed[label] = ms(lambda: attention_torch(q, k, v, q_pos, k_pos, **settings), reps=3)
         out[name] = {"fast_ms": timed["fast"], "masked_ms": timed["slow"], "masked_over_fast": timed["slow"] / timed["fast"]}
     return out
 
@@ -94,7 +91,7 @@ def bench_zigzag(chunk: int = 4096, cached: int = 8192, block: int = 16) -> dict
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dense = {"MAX_RUN_PAIRS": 0, "Q_TILE": 0}  # one masked pass over the keys not seen by every query
+        dense = {"max_run_pairs": 0, "q_tile": 0}  # one masked pass over the keys not seen by every query
         # the engine's placement: pieces of one KV block; rank 0's share of the chunk over the ring's two
         # blocks: the chunk's keys only, and with the rank's cached share (seen whole by every query)
         share = lambda r, a, b: torch.tensor(ranges_to_list(kp.ranges_per_rank(a, b, 2, block)[r]))  # noqa: E731
@@ -102,7 +99,7 @@ def bench_zigzag(chunk: int = 4096, cached: int = 8192, block: int = 16) -> dict
         blocks = {"own_share": share(0, cached, cached + chunk), "other_share": share(1, cached, cached + chunk),
                   "own_share_and_cache": share(0, 0, cached + chunk)}
         granular = _zigzag_case(q_pos, blocks, fast={}, slow=dense)
-        sweep = {t: _zigzag_case(q_pos, {"own_share": blocks["own_share"]}, fast={"Q_TILE": t}, slow=dense)
+        sweep = {t: _zigzag_case(q_pos, {"own_share": blocks["own_share"]}, fast={"q_tile": t}, slow=dense)
                  ["own_share"]["fast_ms"] for t in (64, 128, 256, 512, 1024)}
         # two pieces per rank (ring-flash-attn's layout): runs of consecutive positions
         n = chunk // 4

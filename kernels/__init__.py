@@ -6,7 +6,8 @@ RMSNorm and the paged KV-cache writes/gathers. Every fast path has a plain fp32 
 from ``csps.parallel`` or ``csps.server``.
 """
 
-from csps.kernels.attention import attention, decode_attention, decode_attention_one
+from csps.kernels.attention import attention
+from csps.kernels.attention_torch import attention_torch, decode_attention, decode_attention_one
 from csps.kernels.attention_ref import attention_ref, visibility_mask
 from csps.kernels.merge import merge_attn, merge_many
 from csps.kernels.norm import rms_norm, rms_norm_ref
@@ -15,6 +16,7 @@ from csps.kernels.rope import RopeScaling, apply_rope, rope_cos_sin, rope_inv_fr
 
 __all__ = [
     "attention",
+    "attention_torch",
     "decode_attention",
     "decode_attention_one",
     "attention_ref",

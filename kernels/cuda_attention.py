@@ -1,6 +1,6 @@
 """CUDA attention through flash-attn 2 (imported lazily), with the torch path as fallback.
 
-Same contract as ``csps.kernels.attention``: out in q's dtype, lse fp32 [T, Hq], out 0 / lse -inf
+Same contract as ``csps.kernels.attention_torch``: out in q's dtype, lse fp32 [T, Hq], out 0 / lse -inf
 for rows with no visible key; the query at p sees the key at s iff ``s <= p`` (and ``p - s < W``).
 
 flash-attn facts used (>= 2.6; read in Dao-AILab/flash-attention v2.8.3: the docstrings of
@@ -20,7 +20,7 @@ run, key run) pair, trimmed to the keys some query sees, is one flash call whose
 is exactly the position rule; keys every query of a run sees go in one unmasked call; partials
 merge by LSE. A chunk on contiguous cached KV (q = [C, C+T), k = [0, C+T)) is one causal call.
 
-Fallback (no flash-attn, fp32, CPU tensors, head dim > 256): ``attention`` / ``decode_attention``,
+Fallback (no flash-attn, fp32, CPU tensors, head dim > 256): ``attention_torch`` / ``decode_attention``,
 CPU kernels: CUDA tensors are copied to the CPU and back (correct, slow; logged once).
 """
 
@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from csps.kernels.attention import _select, attention, decode_attention
+from csps.kernels.attention_torch import _select, attention_torch, decode_attention
 from csps.kernels.merge import merge_attn
 from csps.kernels.paged import gather_kv_padded
 
@@ -166,7 +166,7 @@ def flash_prefill(
     scale = d**-0.5 if scale is None else scale
     fa = _native(q, k, v)
     if fa is None:
-        return _torch_path(attention, q, k, v, q_pos, k_pos, scale, sliding_window)
+        return _torch_path(attention_torch, q, k, v, q_pos, k_pos, scale, sliding_window)
     if tq == 0 or k.shape[0] == 0:
         return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"), device=q.device)
     blocks = list(_blocks(q_pos.cpu(), k_pos.cpu(), sliding_window))

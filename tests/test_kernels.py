@@ -61,7 +61,7 @@ def test_attention_over_zigzag_runs_matches_reference(rank):
 
 @pytest.mark.parametrize("rank,q_tile,dtype", [(0, 8, torch.float32), (1, 8, torch.float32), (1, 0, torch.float32),
                                                (0, 1000, torch.float32), (1, 8, torch.bfloat16)])
-def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, dtype, monkeypatch):
+def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, dtype):
     # the engine's placement: pieces of one KV block (granule 4 here), a 64-token chunk on top of 37
     # cached tokens at P = 2, so a rank's share has many runs; over its own share, the other rank's
     # share and its cached KV plus its share; tiles of 8 queries, none (dense mask), or one tile
@@ -70,16 +70,15 @@ def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, dtype, m
     from csps import kv_placement as kp
     from csps.plan import ranges_to_list
 
-    attention_mod = importlib.import_module("csps.kernels.attention")  # the package re-exports the function
+    attention_mod = importlib.import_module("csps.kernels.attention_torch")  # the package exports the function
 
-    monkeypatch.setattr(attention_mod, "Q_TILE", q_tile)
     share = lambda r, a, b: torch.tensor(ranges_to_list(kp.ranges_per_rank(a, b, 2, 4)[r]))  # noqa: E731
     qp = share(rank, 37, 101)
     assert len(attention_mod._runs(qp)) ** 2 > attention_mod.MAX_RUN_PAIRS  # not the few-runs path
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for kpos in (qp, share(1 - rank, 37, 101), share(rank, 0, 101)):
         q, k, v = (rand(n, h, 16).to(dtype) for n, h in ((qp.shape[0], 6), (kpos.shape[0], 2), (kpos.shape[0], 2)))
-        o, l = attention(q, k, v, qp, kpos)
+        o, l = attention_mod.attention_torch(q, k, v, qp, kpos, q_tile=q_tile)
         ro, rl = attention_ref(q, k, v, qp, kpos)
         empty = torch.isinf(rl)
         assert o.dtype == dtype and l.dtype == torch.float32
