@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 
+from csps.bench_serve_data import SERVE_DATASETS
 from csps.cli import parse_len
 from csps.hardware import PROFILE_NAMES
 from csps.workloads import ARRIVALS, DATASETS, WorkloadConfig
@@ -55,11 +57,54 @@ def parse_slo(text: str) -> dict[str, float]:
     return out
 
 
-def _add_workload_args(p: argparse.ArgumentParser, prompt_default: int, output_default: int) -> None:
+def parse_goodput(text: str) -> dict[str, float]:
+    """vLLM's goodput SLO: 'ttft:500 tpot:50 e2el:2000' (milliseconds) -> seconds by metric."""
+    out = {}
+    for part in re.split(r"[,\s]+", text.strip()):
+        key, _, value = part.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if key not in ("ttft", "tpot", "e2el") or ms < 0:
+            raise argparse.ArgumentTypeError(f"bad goodput SLO {part!r} (expected ttft:MS, tpot:MS or e2el:MS)")
+        out[key] = ms / 1e3
+    return out
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"bad header {text!r} (expected KEY=VALUE)")
+    return key.strip(), value
+
+
+def parse_metric_names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in ("ttft", "tpot", "itl", "e2el")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"bad percentile metrics {text!r} (comma-separated: ttft,tpot,itl,e2el)")
+    return names
+
+
+def parse_percentiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v < 100 for v in values):
+        raise argparse.ArgumentTypeError(f"bad percentiles {text!r} (comma-separated, e.g. 25,50,99)")
+    return values
+
+
+def _add_workload_args(p: argparse.ArgumentParser, prompt_default: int, output_default: int,
+                       datasets: tuple[str, ...] = DATASETS) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--dataset", default="random", choices=DATASETS,
-                   help="random token ids | books (../shared/data/books or --dataset-path) | code (Python stdlib)")
-    g.add_argument("--dataset-path", default=None, help="books: a .txt file or a folder of them")
+    g.add_argument("--dataset", "--dataset-name", dest="dataset", default="random", choices=datasets,
+                   help="random token ids | books (../shared/data/books or --dataset-path) | code (Python stdlib)"
+                        + (" | sharegpt (--dataset-path FILE.json) | prefix_repetition" if datasets != DATASETS
+                           else ""))
+    g.add_argument("--dataset-path", default=None, help="books: a .txt file or a folder of them; sharegpt: the JSON")
     g.add_argument("--prompt-len", "--input-len", "--random-input-len", dest="prompt_len", type=parse_len,
                    default=prompt_default, help="prompt tokens per request (k/M suffixes)")
     g.add_argument("--output-len", "--random-output-len", dest="output_len", type=parse_len,
@@ -125,9 +170,32 @@ def add_bench_parser(sub, add_engine_args) -> None:
     s.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
     s.add_argument("--model", default=None, help="served model name (default: the first of /v1/models)")
     s.add_argument("--tokenizer", default="smollm2", help="tokenizer for building prompts of a given length")
-    _add_workload_args(s, prompt_default=512, output_default=64)
+    s.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer <key>' (default: $OPENAI_API_KEY)")
+    s.add_argument("--header", type=parse_header, action="append", metavar="KEY=VALUE",
+                   help="an extra HTTP header on every request (repeatable)")
+    _add_workload_args(s, prompt_default=512, output_default=64, datasets=DATASETS + SERVE_DATASETS)
+    d = s.add_argument_group("vLLM datasets")
+    d.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="sharegpt: output tokens per request (default: the length of the reply in the data)")
+    d.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
+    d.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
+    d.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
+    d.add_argument("--prefix-repetition-output-len", type=int, default=128)
     s.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     s.add_argument("--slo", type=parse_slo, default=None, help="e.g. 'ttft=2s tbt=100ms': goodput and capacity")
+    s.add_argument("--goodput", type=parse_goodput, nargs="+", default=None, metavar="KEY:MS",
+                   help="vLLM's goodput SLOs in ms, e.g. ttft:500 tpot:50 e2el:2000")
+    s.add_argument("--percentile-metrics", type=parse_metric_names, default=("ttft", "tpot", "itl", "e2el"),
+                   help="comma-separated metrics with mean/median/std/percentiles (ttft,tpot,itl,e2el)")
+    s.add_argument("--metric-percentiles", type=parse_percentiles, default=(90.0, 99.0),
+                   help="comma-separated percentiles reported for them (default 90,99)")
+    s.add_argument("--num-warmups", type=int, default=0, help="requests sent (and not measured) before the run")
+    r = s.add_argument_group("vLLM result file")
+    r.add_argument("--save-result", action="store_true", help="write vllm bench serve's result JSON")
+    r.add_argument("--result-dir", default=None, help="folder of the result file (default: the current one)")
+    r.add_argument("--result-filename", default=None,
+                   help="default: <backend>-<rate>qps[-concurrency<n>]-<model>-<date>.json, as vLLM names it")
     s.add_argument("--find-capacity", action="store_true",
                    help="highest rate with p99 TBT under the SLO and median queueing delay <= 2 s")
     s.add_argument("--capacity-steps", type=int, default=4, help="bisection steps after bracketing")
@@ -141,7 +209,7 @@ def add_bench_parser(sub, add_engine_args) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     if getattr(a, "bench_command", None) == "serve":
-        from csps.bench_serve import main_serve
+        from csps.bench_serve_main import main_serve
 
         return main_serve(a)
     from csps import bench

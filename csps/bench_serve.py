@@ -8,7 +8,10 @@ usage report when it sends one, else they are the number of output chunks. Metri
 ``vllm bench serve``: ``mean_ttft_ms``, ``median_itl_ms``, ``p99_e2el_ms``, ``request_throughput``,
 ``output_throughput``, ``request_goodput`` ...
 
-Goodput (``--slo ttft=.. tbt=..``): requests per second whose TTFT and TPOT are within the SLO.
+Goodput (``--goodput ttft:MS tpot:MS e2el:MS`` as in vLLM, or ``--slo ttft=.. tbt=..``): requests per
+second within every SLO given. ``--api-key`` (default ``$OPENAI_API_KEY``) and ``--header K=V`` go on every
+request; ``--save-result`` writes vLLM's result JSON (``csps.bench_serve_result``); datasets beyond the
+engine workloads (ShareGPT files, prefix repetition) are in ``csps.bench_serve_data``.
 Capacity (``--find-capacity``, Sarathi-Serve's definition): the highest request rate whose p99 ITL
 (TBT) stays under the TBT SLO while the median queueing delay is at most 2 s; each trial sends
 requests for at least ``--capacity-duration`` (more prompts at higher rates), so that an overloaded
@@ -25,10 +28,10 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from csps.bench_report import percentile
-from csps.errors import CspsError
+from csps.bench_serve_result import serve_metrics
 
 MAX_MEDIAN_QUEUE_S = 2.0  # Sarathi-Serve's capacity condition
 QUEUE_METRIC = "csps_request_queue_time_seconds"
@@ -51,6 +54,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     e2el_s: float | None = None
     error: str = ""
+    text: str = ""
 
     @property
     def tpot_s(self) -> float | None:
@@ -65,6 +69,17 @@ class ServeTarget:
     model: str
     endpoint: str = "/v1/completions"
     timeout_s: float = 600.0
+    headers: tuple[tuple[str, str], ...] = ()  # on every request (the API key, --header)
+
+    @property
+    def backend(self) -> str:
+        """vLLM's name for the endpoint type."""
+        return "openai-chat" if self.endpoint.endswith("/chat/completions") else "openai"
+
+    def describe(self) -> dict:
+        """For result files: the header names only (they may hold secrets)."""
+        return {"base_url": self.base_url, "model": self.model, "endpoint": self.endpoint,
+                "timeout_s": self.timeout_s, "headers": sorted({k for k, _ in self.headers})}
 
     def body(self, p: Prompt) -> dict:
         common = {"model": self.model, "max_tokens": p.output_len, "temperature": 0.0, "stream": True,
@@ -91,7 +106,7 @@ async def send_one(client, target: ServeTarget, p: Prompt) -> RequestResult:
     """One streaming request; the timings of its text chunks."""
     res = RequestResult(ok=False, prompt_len=p.prompt_len)
     start = last = time.perf_counter()
-    chunks, usage = 0, None
+    chunks, usage, parts = 0, None, []
     try:
         async with client.stream("POST", target.endpoint, json=target.body(p), timeout=target.timeout_s) as r:
             if r.status_code != 200:
@@ -109,6 +124,9 @@ async def send_one(client, target: ServeTarget, p: Prompt) -> RequestResult:
                 if obj.get("error"):
                     res.error = str(obj["error"])[:200]
                     return res
+                if obj.get("choices"):
+                    c = obj["choices"][0]
+                    parts.append(c.get("text") or (c.get("delta") or {}).get("content") or "")
                 if _is_token_chunk(obj, chunks > 0):
                     now = time.perf_counter()
                     if res.ttft_s is None:
@@ -121,6 +139,7 @@ async def send_one(client, target: ServeTarget, p: Prompt) -> RequestResult:
         res.error = f"{type(e).__name__}: {e}"[:200]
         return res
     res.e2el_s = time.perf_counter() - start
+    res.text = "".join(parts)
     res.output_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
     if usage and usage.get("prompt_tokens"):
         res.prompt_len = int(usage["prompt_tokens"])
@@ -152,7 +171,8 @@ async def _run(target: ServeTarget, prompts: list[Prompt], max_concurrency: int 
             bar.update(1)
         return r
 
-    async with httpx.AsyncClient(base_url=target.base_url, limits=limits, timeout=target.timeout_s) as client:
+    async with httpx.AsyncClient(base_url=target.base_url, limits=limits, timeout=target.timeout_s,
+                                 headers=dict(target.headers)) as client:
         t0 = time.perf_counter()
         tasks = []
         for p in sorted(prompts, key=lambda x: x.arrival_s):
@@ -172,45 +192,7 @@ def run_load(target: ServeTarget, prompts: list[Prompt], max_concurrency: int | 
     return asyncio.run(_run(target, prompts, max_concurrency, progress))
 
 
-# --- metrics ----------------------------------------------------------------------------------------
-
-def _ms_stats(name: str, values: list[float]) -> dict:
-    out = {f"mean_{name}_ms": 1e3 * sum(values) / len(values) if values else None}
-    for key, q in (("median", 50), ("p90", 90), ("p99", 99)):
-        v = percentile(values, q)
-        out[f"{key}_{name}_ms"] = None if v is None else 1e3 * v
-    return out
-
-
-def serve_metrics(results: list[RequestResult], duration_s: float, slo: dict[str, float] | None = None) -> dict:
-    """vllm-bench-serve-named metrics of one run."""
-    ok = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_len for r in ok)
-    m = {
-        "completed": len(ok),
-        "failed": len(results) - len(ok),
-        "duration_s": duration_s,
-        "total_input_tokens": in_tokens,
-        "total_output_tokens": out_tokens,
-        "request_throughput": len(ok) / duration_s if duration_s > 0 else None,
-        "output_throughput": out_tokens / duration_s if duration_s > 0 else None,
-        "total_token_throughput": (in_tokens + out_tokens) / duration_s if duration_s > 0 else None,
-    }
-    m.update(_ms_stats("ttft", [r.ttft_s for r in ok]))
-    m.update(_ms_stats("tpot", [r.tpot_s for r in ok if r.tpot_s is not None]))
-    m.update(_ms_stats("itl", [x for r in ok for x in r.itl_s]))
-    m.update(_ms_stats("e2el", [r.e2el_s for r in ok]))
-    if slo:
-        good = [r for r in ok if r.ttft_s <= slo.get("ttft", math.inf)
-                and (r.tpot_s is None or r.tpot_s <= slo.get("tbt", math.inf))]
-        m["request_goodput"] = len(good) / duration_s if duration_s > 0 else None
-        m["slo"] = dict(slo)
-    errors = sorted({r.error for r in results if not r.ok})
-    if errors:
-        m["errors"] = errors[:5]
-    return m
-
+# --- queueing delay from the server's histogram -------------------------------------------------
 
 def _histogram(text: str, name: str) -> dict[float, float]:
     """Cumulative bucket counts of a Prometheus histogram, summed over label sets."""
@@ -253,12 +235,18 @@ def _scrape(base_url: str) -> str | None:
 
 # --- a measured rate ----------------------------------------------------------------------------------
 
-def measure(target: ServeTarget, prompts: list[Prompt], *, max_concurrency: int | None, slo: dict | None,
-            unloaded_ttft_s: float | None, progress: bool = False) -> dict:
-    """One load run: metrics plus the median queueing delay (server histogram, else estimated)."""
+def measure(target: ServeTarget, prompts: list[Prompt], **kw) -> dict:
+    return measure_run(target, prompts, **kw)[0]
+
+
+def measure_run(target: ServeTarget, prompts: list[Prompt], *, max_concurrency: int | None, slo: dict | None,
+                unloaded_ttft_s: float | None, progress: bool = False,
+                stats: dict | None = None) -> tuple[dict, list[RequestResult]]:
+    """One load run: metrics plus the median queueing delay (server histogram, else estimated), and the
+    per-request results. ``stats``: percentile_metrics / percentiles for ``serve_metrics``."""
     before = _scrape(target.base_url)
     results, duration = run_load(target, prompts, max_concurrency, progress)
-    m = serve_metrics(results, duration, slo)
+    m = serve_metrics(results, duration, slo, **(stats or {}))
     after = _scrape(target.base_url) if before is not None else None
     if before is not None and after is not None:
         m["median_queue_s"] = histogram_quantile(_histogram(before, QUEUE_METRIC), _histogram(after, QUEUE_METRIC), 0.5)
@@ -267,7 +255,7 @@ def measure(target: ServeTarget, prompts: list[Prompt], *, max_concurrency: int 
         base = unloaded_ttft_s or 0.0
         m["median_queue_s"] = percentile([max(0.0, r.ttft_s - base) for r in results if r.ok], 50)
         m["queue_source"] = "estimated: TTFT minus the TTFT of one request sent alone"
-    return m
+    return m, results
 
 
 def meets_capacity_slo(m: dict, tbt_slo_s: float) -> bool:
@@ -314,82 +302,3 @@ def find_capacity(run_at, tbt_slo_s: float, start_rate: float = 1.0, steps: int 
         else:
             hi = mid
     return lo, trials
-
-
-# --- CLI -------------------------------------------------------------------------------------------------
-
-def make_prompts(a, tokenizer, rate: float, min_count: int = 0) -> list[Prompt]:
-    from dataclasses import replace
-
-    from csps.bench_cli import workload_config
-    from csps.workloads import make_workload
-
-    cfg = workload_config(a, default_prompts=100)
-    cfg = replace(cfg, request_rate_per_s=rate, num_prompts=max(cfg.num_prompts, min_count))
-    specs = make_workload(cfg, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
-    return [Prompt(tokenizer.decode(list(s.prompt_ids)), s.prompt_len, s.output_len, s.arrival_s) for s in specs]
-
-
-def served_model(base_url: str) -> str:
-    import httpx
-
-    try:
-        r = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=30)
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-        raise CspsError(f"cannot list the models of {base_url} ({e}); is the server running? pass --model") from None
-
-
-def print_metrics(m: dict) -> None:
-    keys = ["completed", "failed", "duration_s", "request_throughput", "request_goodput", "output_throughput",
-            "total_token_throughput"] + [f"{s}_{n}_ms" for n in ("ttft", "tpot", "itl", "e2el")
-                                         for s in ("mean", "median", "p99")] + ["median_queue_s"]
-    for k in keys:
-        if k in m and m[k] is not None:
-            v = m[k]
-            print(f"  {k:<24} {v:.4g}" if isinstance(v, float) else f"  {k:<24} {v}")
-
-
-def main_serve(a) -> int:
-    from csps.bench import default_json_path
-    from csps.bench_report import document, git_revision, write_json
-    from csps.tokenizer import Tokenizer, load_tokenizer
-
-    git = git_revision()
-    target = ServeTarget(a.base_url.rstrip("/"), a.model or served_model(a.base_url), a.endpoint, a.timeout)
-    tokenizer = Tokenizer(load_tokenizer(a.tokenizer))
-    probe = make_prompts(a, tokenizer, math.inf)[0]
-    first, _ = run_load(target, [Prompt(probe.text, probe.prompt_len, 2, 0.0)])
-    if not first[0].ok:
-        raise CspsError(f"the first test request to {target.base_url}{target.endpoint} failed: {first[0].error}")
-    unloaded_ttft = first[0].ttft_s
-    common = dict(max_concurrency=a.max_concurrency, slo=a.slo, unloaded_ttft_s=unloaded_ttft)
-    config = {"target": asdict(target), "max_concurrency": a.max_concurrency, "slo": a.slo,
-              "dataset": a.dataset, "num_prompts": a.num_prompts or 100, "prompt_len": a.prompt_len,
-              "output_len": a.output_len, "range_ratio": a.range_ratio, "arrival": a.arrival, "seed": a.seed,
-              "unloaded_ttft_s": unloaded_ttft}
-    if a.find_capacity:
-        if not a.slo or "tbt" not in a.slo:
-            raise CspsError("--find-capacity needs a TBT SLO, e.g. --slo 'ttft=10s tbt=200ms'")
-        start = a.request_rate if math.isfinite(a.request_rate) else 1.0
-        # each trial offers load for at least --capacity-duration: a short burst always "fits"
-        capacity, trials = find_capacity(
-            lambda r: measure(target, make_prompts(a, tokenizer, r, math.ceil(r * a.capacity_duration)), **common),
-            a.slo["tbt"], start, a.capacity_steps)
-        for t in trials:
-            print(f"rate {t['request_rate']:.3g}/s: p99 ITL {t['p99_itl_ms'] or float('nan'):.1f} ms, median queue "
-                  f"{t['median_queue_s'] if t['median_queue_s'] is not None else float('nan'):.2f} s, "
-                  f"failed {t['failed']} -> {'meets' if t['meets_slo'] else 'misses'} the SLO")
-        print(f"capacity: {capacity if capacity is not None else 'none found'} requests/s "
-              f"(p99 TBT <= {a.slo['tbt'] * 1e3:.0f} ms, median queueing <= {MAX_MEDIAN_QUEUE_S:.0f} s)")
-        results = {"capacity_requests_per_s": capacity, "trials": trials}
-    else:
-        m = measure(target, make_prompts(a, tokenizer, a.request_rate), progress=not a.no_progress, **common)
-        m["request_rate"] = a.request_rate
-        print_metrics(m)
-        results = m
-    path = a.json or default_json_path("serve")
-    write_json(path, document("csps bench serve", config, results, git=git))
-    print(f"results: {path}")
-    return 0

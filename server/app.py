@@ -13,16 +13,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from csps.server import openai_api, summarize_api
+from csps.server import openai_api, openapi, summarize_api
 from csps.server.config import ServerConfig
 from csps.server.engine_client import READY, EngineClient
 from csps.server.errors import APIError, describe_validation_error
 from csps.server.http_io import parse_json
 from csps.server.metrics import ServerMetrics
-from csps.server.middleware import GuardMiddleware
+from csps.server.metrics_vllm import VllmMetrics
+from csps.server.middleware import OPEN_PATHS, GuardMiddleware
 from csps.server.openai_api import check_model
-from csps.server.protocol import DetokenizeRequest, TokenizeRequest
+from csps.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SummarizeRequest,
+                                  TokenizeRequest)
+from csps.server.request_id import RequestIdMiddleware
 
 log = logging.getLogger("csps.server")
 
@@ -40,6 +44,8 @@ class ServerState:
 def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastAPI:
     run_state = run_state or ServerState()
     metrics = ServerMetrics(cfg.model_name)
+    if cfg.metrics_compat == "vllm":
+        metrics.mirrors.append(VllmMetrics(cfg.model_name, metrics.registry))
     client = EngineClient(cfg)
     client.on_output = metrics.observe_outputs
     client.on_abort = lambda n: metrics.aborted.labels(cfg.model_name).inc(n)
@@ -73,8 +79,24 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
     def count_error(status: int) -> None:
         metrics.http_errors.labels(cfg.model_name, str(status)).inc()
 
+    # the last added runs first: request id (on every response and log line), CORS (answers preflights
+    # before the API key is checked, and adds its headers to 401s too), then the guard
     app.add_middleware(GuardMiddleware, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
                        is_draining=lambda: run_state.draining, on_error=count_error)
+    if cfg.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"], max_age=600)
+    app.add_middleware(RequestIdMiddleware)
+
+    def engine_limits() -> dict | None:
+        if client.state != READY:
+            return None
+        return {"model_name": cfg.model_name, **client.info}
+
+    openapi.install(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+                          SummarizeRequest], api_key=cfg.api_key is not None, open_paths=OPEN_PATHS,
+                    engine_limits=engine_limits)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
@@ -136,7 +158,7 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
         return {"model": cfg.model_name, "engine": client.info, "stats": await fresh_stats(),
                 "uptime_s": time.monotonic() - client.started_s}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi.body(TokenizeRequest))
     async def tokenize(request: Request):
         req = await parse_json(request, TokenizeRequest)
         check_model(request, req.model)
@@ -151,7 +173,7 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
             body["token_strs"] = out["token_strs"]
         return body
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=openapi.body(DetokenizeRequest))
     async def detokenize(request: Request):
         req = await parse_json(request, DetokenizeRequest)
         check_model(request, req.model)

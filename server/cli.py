@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from csps.server.config_file import BooleanOptional, ConfigFileAction, StoreConst, track_explicit_flags
+
 
 def parse_bytes(text: str) -> int:
     """Sizes with suffixes: '1048576', '512k', '32M', '1G' (powers of 1024)."""
@@ -19,9 +21,26 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def add_vllm_aliases(p: argparse.ArgumentParser) -> None:
+    """vLLM's flag names where the meaning is the same (--max-model-len and --max-num-seqs already match)."""
+    g = p.add_argument_group("vLLM flag names")
+    g.add_argument("--tensor-parallel-size", "-tp", dest="tp", type=int, default=argparse.SUPPRESS,
+                   help="= --tp")
+    g.add_argument("--max-num-batched-tokens", dest="token_budget", type=int, default=argparse.SUPPRESS,
+                   help="= --token-budget")
+    g.add_argument("--enable-prefix-caching", dest="no_prefix_caching", action=StoreConst, const=False,
+                   default=argparse.SUPPRESS, help="(the default)")
+    g.add_argument("--no-enable-prefix-caching", dest="no_prefix_caching", action=StoreConst, const=True,
+                   default=argparse.SUPPRESS, help="= --no-prefix-caching")
+
+
 def add_serve_parser(subparsers, add_engine_args) -> None:
     p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (and /v1/summarize)")
+    track_explicit_flags(p)  # before any argument: --config must know which flags the command line gave
+    p.add_argument("--config", action=ConfigFileAction, metavar="FILE.yaml",
+                   help="read any of these flags from a YAML mapping (flag: value); the command line wins")
     add_engine_args(p)
+    add_vllm_aliases(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
@@ -37,13 +56,20 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
     g.add_argument("--engine-start-timeout", type=float, default=900.0)
     g.add_argument("--summarize-concurrency", type=int, default=8,
                    help="chunk summaries in flight at once per /v1/summarize request")
-    g.add_argument("--access-log", action="store_true")
+    g.add_argument("--access-log", action=BooleanOptional, default=False, help="log every request")
+    g.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="browser origins allowed by CORS, e.g. https://app.example ('*': any; default: none)")
+    g.add_argument("--metrics-compat", choices=["vllm"], default=None,
+                   help="also export vLLM's metric names (vllm:time_to_first_token_seconds, ...) on /metrics")
+    g.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per log line (with request_id inside requests)")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from csps.cli import engine_kwargs
     from csps.server.config import ServerConfig
+    from csps.server.logs import setup_logging
     from csps.server.run import serve
 
     kw = engine_kwargs(a)
@@ -52,5 +78,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        served_model_name=a.served_model_name, max_body_bytes=a.max_body_bytes,
                        max_waiting=a.max_waiting, drain_timeout_s=a.drain_timeout,
                        engine_start_timeout_s=a.engine_start_timeout,
-                       summarize_concurrency=a.summarize_concurrency, access_log=a.access_log)
+                       summarize_concurrency=a.summarize_concurrency, access_log=a.access_log,
+                       allowed_origins=tuple(a.allowed_origins), metrics_compat=a.metrics_compat,
+                       log_format=a.log_format)
+    setup_logging(cfg.log_format, cfg.log_level)
     return serve(cfg)

@@ -30,6 +30,9 @@ class ServerConfig:
     summarize_concurrency: int = 8  # chunk summaries in flight at once per /v1/summarize call
     access_log: bool = False
     log_level: str = "info"
+    log_format: str = "text"  # text | json (one object per line, with the request id inside requests)
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ('*': any)
+    metrics_compat: str | None = None  # 'vllm': also export vLLM's metric names
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
@@ -41,6 +44,9 @@ class ServerConfig:
         _check(self.summarize_concurrency >= 1, "summarize_concurrency must be at least 1")
         _check(self.api_key is None or len(self.api_key) > 0, "api_key must not be empty")
         _check("model" in self.engine_kwargs, "engine_kwargs must name a model")
+        _check(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
+        _check(self.metrics_compat in (None, "vllm"), f"metrics_compat must be vllm, got {self.metrics_compat!r}")
+        _check(all(isinstance(o, str) and o for o in self.allowed_origins), "allowed_origins must be non-empty strings")
 
     @property
     def model_name(self) -> str:

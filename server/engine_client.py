@@ -96,7 +96,8 @@ class EngineClient:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(from_engine)
         spec = {"engine_kwargs": self.cfg.engine_kwargs, "to_engine": to_engine, "from_engine": from_engine,
-                "max_waiting": self.cfg.max_waiting, "parent_pid": os.getpid(), "log_level": self.cfg.log_level}
+                "max_waiting": self.cfg.max_waiting, "parent_pid": os.getpid(), "log_level": self.cfg.log_level,
+                "log_format": self.cfg.log_format}
         self.proc = subprocess.Popen([sys.executable, "-m", "csps.server.engine_proc", json.dumps(spec)],
                                      start_new_session=True)
         log.info("engine process %d starting (model %s)", self.proc.pid, self.cfg.engine_kwargs["model"])

@@ -21,6 +21,7 @@ import zmq
 from csps.errors import CspsError, RequestError
 from csps.sampling_params import SamplingParams
 from csps.server import ipc
+from csps.server.logs import setup_logging
 
 log = logging.getLogger("csps.server.engine")
 
@@ -228,7 +229,8 @@ class EngineServer:
         for rec in reversed(log_):
             if rec.step_id <= self.last_step_id:
                 break
-            out.append([rec.duration_s, rec.num_prefill_tokens, rec.num_decode_tokens, dict(rec.bytes_by_kind)])
+            out.append([rec.duration_s, rec.num_prefill_tokens, rec.num_decode_tokens, dict(rec.bytes_by_kind),
+                        rec.num_preempted])
         self.last_step_id = log_[-1].step_id
         return out[::-1]
 
@@ -276,8 +278,7 @@ class EngineServer:
 
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv or sys.argv[1:])[0])
-    logging.basicConfig(level=getattr(logging, spec.get("log_level", "info").upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(spec.get("log_format", "text"), spec.get("log_level", "info"))
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(spec["to_engine"])

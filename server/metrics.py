@@ -7,6 +7,8 @@ KV blocks per rank, prefix-cache hit rate) are refreshed from the engine's stats
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
@@ -15,7 +17,34 @@ ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 BYTES_BUCKETS = tuple(float(4 ** k) for k in range(5, 17))  # 1 KiB .. 4 GiB
 
 
+@dataclass(frozen=True)
+class FinishedRequest:
+    """A finished request's counts and latencies (seconds), from the engine's timestamps."""
+
+    reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float | None
+    queue_s: float | None
+    e2e_s: float | None
+    itl_s: list[float]
+
+    @classmethod
+    def of(cls, it: dict) -> FinishedRequest:
+        t = it["m"]
+
+        def since_arrival(key: str) -> float | None:
+            return None if t[key] is None else max(0.0, t[key] - t["arrival_s"])
+
+        return cls(reason=it["reason"] or "unknown", prompt_tokens=it["np"], cached_tokens=it["nc"],
+                   ttft_s=since_arrival("first_token_s"), queue_s=since_arrival("first_scheduled_s"),
+                   e2e_s=since_arrival("finished_s"), itl_s=list(t["tbt_s"]))
+
+
 class ServerMetrics:
+    """The ``csps_*`` metrics. ``mirrors`` export other names for the same quantities in the same
+    registry (``csps.server.metrics_vllm.VllmMetrics`` for ``--metrics-compat vllm``)."""
+
     def __init__(self, model_name: str) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.labels = {"model_name": model_name}
@@ -53,10 +82,13 @@ class ServerMetrics:
         self.hit_rate = Gauge("csps_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
                               lab, registry=r)
         self.engine_up = Gauge("csps_engine_up", "1 when the engine is ready", lab, registry=r)
+        self.preemptions = Counter("csps_num_preemptions", "Requests preempted (KV freed, recomputed later)",
+                                   lab, registry=r)
+        self.mirrors: list = []  # more names for the same quantities (VllmMetrics), fed from here
 
     def observe_outputs(self, items: list[dict], steps: list[list]) -> None:
         m = self.labels["model_name"]
-        for duration_s, num_prefill, num_decode, bytes_by_kind in steps:
+        for duration_s, num_prefill, num_decode, bytes_by_kind, *rest in steps:
             self.steps.labels(m).inc()
             self.step_s.labels(m).observe(duration_s)
             if num_prefill:
@@ -65,23 +97,31 @@ class ServerMetrics:
                 self.step_tokens.labels(m, "decode").inc(num_decode)
             for kind, n in bytes_by_kind.items():
                 self.step_bytes.labels(m, kind).observe(n)
+            preempted = rest[0] if rest else 0
+            if preempted:
+                self.preemptions.labels(m).inc(preempted)
+            for mirror in self.mirrors:
+                mirror.on_step(preempted)
         for it in items:
             if it["ids"]:
                 self.generation_tokens.labels(m).inc(len(it["ids"]))
-            if not it["done"]:
-                continue
-            self.finished.labels(m, it["reason"] or "unknown").inc()
-            self.prompt_tokens.labels(m).inc(it["np"])
-            self.cached_tokens.labels(m).inc(it["nc"])
-            t = it["m"]
-            if t["first_token_s"] is not None:
-                self.ttft_s.labels(m).observe(max(0.0, t["first_token_s"] - t["arrival_s"]))
-            if t["first_scheduled_s"] is not None:
-                self.queue_s.labels(m).observe(max(0.0, t["first_scheduled_s"] - t["arrival_s"]))
-            if t["finished_s"] is not None:
-                self.e2e_s.labels(m).observe(max(0.0, t["finished_s"] - t["arrival_s"]))
-            for dt in t["tbt_s"]:
-                self.itl_s.labels(m).observe(dt)
+                for mirror in self.mirrors:
+                    mirror.on_tokens(len(it["ids"]))
+            if it["done"]:
+                self.on_finished(FinishedRequest.of(it))
+
+    def on_finished(self, r: FinishedRequest) -> None:
+        m = self.labels["model_name"]
+        self.finished.labels(m, r.reason).inc()
+        self.prompt_tokens.labels(m).inc(r.prompt_tokens)
+        self.cached_tokens.labels(m).inc(r.cached_tokens)
+        for hist, value in ((self.ttft_s, r.ttft_s), (self.queue_s, r.queue_s), (self.e2e_s, r.e2e_s)):
+            if value is not None:
+                hist.labels(m).observe(value)
+        for dt in r.itl_s:
+            self.itl_s.labels(m).observe(dt)
+        for mirror in self.mirrors:
+            mirror.on_finished(r)
 
     def set_stats(self, stats: dict, engine_ready: bool) -> None:
         m = self.labels["model_name"]
@@ -95,6 +135,8 @@ class ServerMetrics:
             self.kv_total.labels(m, str(rank)).set(total)
             self.kv_usage.labels(m, str(rank)).set(used / total if total else 0.0)
         self.hit_rate.labels(m).set(stats["prefix_cache_hit_rate"])
+        for mirror in self.mirrors:
+            mirror.on_stats(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

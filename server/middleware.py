@@ -7,7 +7,8 @@ import hmac
 
 from csps.server.errors import APIError
 
-OPEN_PATHS = ("/health", "/metrics", "/ping")  # never need the API key
+# never need the API key: probes, metrics, and the API's documentation (/docs loads /openapi.json)
+OPEN_PATHS = ("/health", "/metrics", "/ping", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 class GuardMiddleware:

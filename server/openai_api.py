@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from csps.server.errors import APIError, bad_request
 from csps.server.http_io import (SSE_DONE, ClientGone, EngineStream, gone_response, parse_json, sse,
                                  unless_disconnected)
+from csps.server.openapi import body
 from csps.server.protocol import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -93,7 +94,7 @@ async def run_request(request: Request, sub, choices: list[Choice], body_fn):
     return JSONResponse(body_fn())
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=body(CompletionRequest, streams=True))
 async def create_completion(request: Request):
     req = await parse_json(request, CompletionRequest)
     state = request.app.state
@@ -145,7 +146,7 @@ async def create_completion(request: Request):
     return EngineStream(events(), on_close=sub.close)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest, streams=True))
 async def create_chat_completion(request: Request):
     req = await parse_json(request, ChatCompletionRequest)
     state = request.app.state

@@ -18,10 +18,15 @@ from csps.server.errors import APIError, bad_request
 from csps.server.http_io import (SSE_DONE, ClientGone, EngineStream, decode_utf8, gone_response, parse_json, sse,
                                  unless_disconnected, validate)
 from csps.server.openai_api import check_model
+from csps.server.openapi import body
 from csps.server.protocol import SummarizeRequest
 from csps.server.summarize import Summarizer
 
 router = APIRouter()
+
+# the multipart form: the document as the file 'file', the other fields of SummarizeRequest as form fields
+UPLOAD_SCHEMA = {"type": "object", "required": ["file"], "properties": {
+    "file": {"type": "string", "format": "binary", "description": "the document (UTF-8 text)"}}}
 
 
 async def read_summarize_request(request: Request) -> SummarizeRequest:
@@ -47,7 +52,7 @@ async def read_summarize_request(request: Request) -> SummarizeRequest:
     return validate(SummarizeRequest, fields)
 
 
-@router.post("/v1/summarize")
+@router.post("/v1/summarize", openapi_extra=body(SummarizeRequest, multipart=UPLOAD_SCHEMA, streams=True))
 async def summarize(request: Request):
     req = await read_summarize_request(request)
     state = request.app.state

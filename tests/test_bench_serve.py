@@ -30,6 +30,7 @@ def fake_openai_app():
     (the OpenAI wire format); /metrics carries a queue-time histogram like csps serve's."""
     app = FastAPI()
     served = {"n": 0}
+    app.state.headers = []  # the headers of every completion request
 
     @app.get("/v1/models")
     async def models():
@@ -45,6 +46,7 @@ def fake_openai_app():
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
+        app.state.headers.append(dict(request.headers))
         n, prompt = int(body["max_tokens"]), body["prompt"]
         assert body["stream"] and body["stream_options"]["include_usage"]
 
@@ -69,14 +71,15 @@ def fake_server():
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(fake_openai_app(), host="127.0.0.1", port=port, log_level="warning"))
+    app = fake_openai_app()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", app
     server.should_exit = True
     thread.join(10)
 
@@ -91,11 +94,16 @@ def _check_metrics(m: dict, n: int, output_len: int) -> None:
     assert m["request_throughput"] > 0 and m["output_throughput"] > 0 and m["total_token_throughput"] > 0
 
 
-def test_bench_serve_cli_against_a_fake_openai_server(fake_server, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fake_url(fake_server):
+    return fake_server[0]
+
+
+def test_bench_serve_cli_against_a_fake_openai_server(fake_url, tmp_path, capsys):
     from csps.cli import main
 
     out = tmp_path / "serve.json"
-    code = main(["bench", "serve", "--base-url", fake_server, "--num-prompts", "8", "--request-rate", "40",
+    code = main(["bench", "serve", "--base-url", fake_url, "--num-prompts", "8", "--request-rate", "40",
                  "--prompt-len", "32", "--output-len", "5", "--slo", "ttft=5s tbt=1s", "--json", str(out),
                  "--no-progress"])
     assert code == 0
@@ -109,8 +117,8 @@ def test_bench_serve_cli_against_a_fake_openai_server(fake_server, tmp_path, cap
     assert doc["config"]["target"]["model"] == "fake-model" and doc["git"]["revision"]
 
 
-def test_run_load_with_max_concurrency_and_strict_goodput(fake_server):
-    target = ServeTarget(fake_server, "fake-model")
+def test_run_load_with_max_concurrency_and_strict_goodput(fake_url):
+    target = ServeTarget(fake_url, "fake-model")
     prompts = [Prompt("a b c", 3, 4, 0.0) for _ in range(6)]
     results, duration = run_load(target, prompts, max_concurrency=2)
     m = serve_metrics(results, duration, slo={"ttft": 1e-6})
@@ -187,3 +195,76 @@ def test_which_stream_chunks_count_as_output():
     role = {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
     assert not _is_token_chunk(role, seen_any=False)  # a chat role-only chunk arrives before any token
     assert _is_token_chunk({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}, False)
+
+
+def _bench(url: str, tmp_path, *extra: str) -> int:
+    from csps.cli import main
+
+    return main(["bench", "serve", "--base-url", url, "--request-rate", "inf", "--output-len", "3", "--no-progress",
+                 "--json", str(tmp_path / "csps.json"), *extra])
+
+
+def test_headers_api_key_env_and_vllm_result_file(fake_server, tmp_path, monkeypatch):
+    url, app = fake_server
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    app.state.headers.clear()
+    code = _bench(url, tmp_path, "--num-prompts", "3", "--prompt-len", "16", "--header", "X-Team=search",
+                  "--header", "X-Empty=", "--num-warmups", "2", "--save-result", "--result-dir", str(tmp_path),
+                  "--percentile-metrics", "ttft,itl", "--metric-percentiles", "25,99.9", "--goodput", "ttft:0.001")
+    assert code == 0
+    seen = app.state.headers
+    assert len(seen) == 1 + 2 + 3  # the probe, the warmups, the run
+    assert all(h["authorization"] == "Bearer from-env" and h["x-team"] == "search" and h["x-empty"] == ""
+               for h in seen)
+    [path] = tmp_path.glob("openai-infqps-fake-model-*.json")  # vLLM's default file name
+    res = json.loads(path.read_text())
+    assert res["completed"] == 3 and res["num_warmups"] == 2 and res["request_rate"] == "inf"
+    assert {"p25_ttft_ms", "p99.9_ttft_ms", "std_itl_ms", "p25_itl_ms"} <= set(res)
+    assert "mean_tpot_ms" not in res and "mean_e2el_ms" not in res  # only the percentile metrics asked for
+    assert res["request_goodput"] == 0.0  # no TTFT is under 1 microsecond
+    assert res["generated_texts"][0] == " t0 t1 t2" and res["output_lens"] == [3, 3, 3]
+    assert "from-env" not in (tmp_path / "csps.json").read_text()
+
+
+def test_sharegpt_file_and_prefix_repetition(fake_server, tmp_path, smollm2_tokenizer):
+    from argparse import Namespace
+
+    from csps.bench_serve_data import dataset_rows
+
+    url, app = fake_server
+    long_reply = "word " * 40
+    convs = [{"conversations": [{"from": "human", "value": f"question number {i} about the sea"},
+                                {"from": "gpt", "value": long_reply}]} for i in range(5)]
+    convs += [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": long_reply}]},  # < 4
+              {"conversations": [{"from": "human", "value": "only one turn"}]}, {"id": "no conversations"}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs))
+    a = Namespace(dataset="sharegpt", dataset_path=str(path), sharegpt_output_len=None, seed=0)
+    rows = dataset_rows(a, smollm2_tokenizer, 10)
+    assert len(rows) == 5 and all(text.startswith("question number") for text, _, _ in rows)
+    assert all(n_in == len(smollm2_tokenizer.encode(t)) and n_out == len(smollm2_tokenizer.encode(long_reply))
+               for t, n_in, n_out in rows)
+    a = Namespace(dataset="prefix_repetition", prefix_repetition_prefix_len=32, prefix_repetition_suffix_len=8,
+                  prefix_repetition_num_prefixes=2, prefix_repetition_output_len=5, seed=1)
+    rows = dataset_rows(a, smollm2_tokenizer, 6)
+    texts = [t for t, _, _ in rows]
+    assert texts[0] != texts[2] and len(set(texts)) == 6 and all(n == 5 for _, _, n in rows)
+    prefix_len = len(smollm2_tokenizer.decode(smollm2_tokenizer.encode(texts[0])[:20]))
+    assert texts[0][:prefix_len] == texts[2][:prefix_len] != texts[1][:prefix_len]  # prefixes 0, 1, 0, 1, ...
+    app.state.headers.clear()
+    assert _bench(url, tmp_path, "--dataset-name", "sharegpt", "--dataset-path", str(path), "--num-prompts", "3",
+                  "--sharegpt-output-len", "4") == 0
+    assert json.loads((tmp_path / "csps.json").read_text())["results"]["total_output_tokens"] == 12
+    assert _bench(url, tmp_path, "--dataset", "prefix_repetition", "--num-prompts", "4",
+                  "--prefix-repetition-prefix-len", "16", "--prefix-repetition-suffix-len", "4",
+                  "--prefix-repetition-output-len", "2") == 0
+    assert json.loads((tmp_path / "csps.json").read_text())["results"]["total_output_tokens"] == 8
+
+
+@pytest.mark.parametrize("argv", [["--goodput", "ttft=5"], ["--goodput", "itl:5"], ["--header", "novalue"],
+                                  ["--percentile-metrics", "ttft,latency"], ["--metric-percentiles", "0,100"]])
+def test_bad_vllm_style_arguments_are_refused(argv):
+    from csps.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "serve", *argv])
