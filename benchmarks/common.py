@@ -8,8 +8,8 @@ import statistics
 import sys
 import time
 
-from csps.bench_report import git_revision
-from csps.workloads import default_books_dir
+from csps.bench.report import git_revision
+from csps.bench.workloads import default_books_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -19,7 +19,7 @@ BOOKS = str(default_books_dir())
 def provenance() -> dict:
     import torch
 
-    from csps.hardware import machine_info
+    from csps.perf.hardware import machine_info
 
     git = git_revision()
     return {"git": (git["revision"] or "unknown")[:7], "git_dirty": git["dirty"], "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -29,10 +29,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import save, table  # noqa: E402
-
-from csps.kernels import decode_attention  # noqa: E402
-from csps.kernels import attention_torch  # noqa: E402
+from csps.kernels import (
+    attention_torch,  # noqa: E402
+    decode_attention,  # noqa: E402
+)
 from csps.kernels.paged import gather_kv_padded  # noqa: E402
+
 from csps.presets import preset_config  # noqa: E402
 
 M = preset_config("smollm2-135m")
@@ -85,8 +87,8 @@ def _zigzag_case(q_pos, k_pos_by_block, fast: dict, slow: dict) -> dict:
 
 def bench_zigzag(chunk: int = 4096, cached: int = 8192, block: int = 16) -> dict:
     """One thread, as each rank of SP 2 on this 2-core machine runs."""
-    from csps import kv_placement as kp
-    from csps.plan import ranges_to_list
+    from csps.core import kv_placement as kp
+    from csps.core.plan import ranges_to_list
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -131,9 +133,9 @@ def bench_decode(ctx: int = 560, bs: int = 16) -> dict:
 def bench_decode_long(ctx: int = 8192, bs: int = 16, run_blocks: int = 32) -> dict:
     """Decodes of long contexts whose blocks come in runs of ``run_blocks`` (a 512-token prefill chunk
     allocates 32 blocks together): read in place (a fused call per run) vs gathered into the padded batch."""
-    from csps import attn_context
-    from csps.attn_context import KVCacheTensors, LocalAttention
-    from csps.plan import SeqWork
+    from csps.core.plan import SeqWork
+    from csps.engine import paged_attention as attn_context
+    from csps.engine.paged_attention import KVCacheTensors, LocalAttention
 
     nblk = -(-ctx // bs)
     out = {}

@@ -23,7 +23,7 @@ from common import BOOKS, median, save, table, timed  # noqa: E402
 
 from csps import LLM, SamplingParams  # noqa: E402
 from csps.device import resolve_dtype  # noqa: E402
-from csps.weights import default_model_path  # noqa: E402
+from csps.engine.weights import default_model_path  # noqa: E402
 
 
 def book_ids(tok, n: int, offset: int = 0) -> list[int]:

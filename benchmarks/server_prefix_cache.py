@@ -21,7 +21,6 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median, save, table  # noqa: E402
-
 from csps.server.testing import ServerProcess  # noqa: E402
 
 STDLIB_FILES = ("textwrap.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py", "graphlib.py", "colorsys.py",

@@ -23,7 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import BOOKS, save  # noqa: E402
-
 from csps.server.testing import ServerProcess  # noqa: E402
 
 

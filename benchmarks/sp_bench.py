@@ -18,9 +18,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import BOOKS, save, table  # noqa: E402
 
-from csps.cli import parse_len  # noqa: E402
+from csps.cli_args import parse_len  # noqa: E402
+from csps.core.sampling_params import SamplingParams  # noqa: E402
 from csps.llm import create_engine, make_engine_config  # noqa: E402
-from csps.sampling_params import SamplingParams  # noqa: E402
 
 ONE = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
@@ -57,7 +57,7 @@ def run_one(model: str, prompt: list[int], params=ONE, **kw) -> dict:
 
 
 def bench_ttft(n: int) -> dict:
-    from csps.tokenizer import Tokenizer, load_tokenizer
+    from csps.engine.tokenizer import Tokenizer, load_tokenizer
 
     tok = Tokenizer(load_tokenizer("smollm2"))
     prompt = book_tokens(tok, n)
@@ -94,7 +94,7 @@ def bench_decode() -> dict:
 
 
 def bench_exchange(n: int) -> dict:
-    from csps.tokenizer import Tokenizer, load_tokenizer
+    from csps.engine.tokenizer import Tokenizer, load_tokenizer
 
     tok = Tokenizer(load_tokenizer("smollm2"))
     prompt = book_tokens(tok, n)

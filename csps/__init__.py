@@ -1,8 +1,14 @@
 """csps: long-context LLM serving with chunked prefills, stall-free batching and sequence parallelism."""
 
-from csps.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from csps.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from csps.core.sampling_params import SamplingParams
 from csps.errors import CspsError, RequestError
-from csps.sampling_params import SamplingParams
 
 
 def __getattr__(name: str):
@@ -12,7 +18,7 @@ def __getattr__(name: str):
 
         return LLM
     if name == "RequestOutput":
-        from csps.outputs import RequestOutput
+        from csps.engine.outputs import RequestOutput
 
         return RequestOutput
     raise AttributeError(name)

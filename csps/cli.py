@@ -9,60 +9,10 @@ import argparse
 import logging
 import sys
 
+from csps.cli_args import add_engine_args, engine_kwargs
 from csps.errors import CspsError
 
 log = logging.getLogger("csps.cli")
-
-
-def parse_len(text: str) -> int:
-    """Token counts with suffixes: '512', '16k' (16·1024), '1M' (1024²)."""
-    t = text.strip()
-    mult = 1
-    if t[-1:] in ("k", "K"):
-        mult, t = 1024, t[:-1]
-    elif t[-1:] in ("m", "M"):
-        mult, t = 1024 * 1024, t[:-1]
-    try:
-        value = int(float(t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a length: {text!r} (examples: 512, 16k, 1M)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"length must be positive: {text!r}")
-    return value
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2",
-                   help="smollm2 (embedded default), a .gguf file, a Hugging Face directory, or dummy:<preset>")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
-    g.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    g.add_argument("--sp-attn", default="ring", choices=["ring", "ulysses"],
-                   help="prefill exchange for sequence-parallel prompts")
-    g.add_argument("--sp-exchange", default="auto", choices=["auto", "pass_kv", "pass_q"],
-                   help="ring prefill exchange: auto picks per chunk (Meta's rule, calibrated at start-up)")
-    g.add_argument("--sp-threshold", type=parse_len, default=4096,
-                   help="prompts longer than this run sequence-parallel")
-    g.add_argument("--token-budget", type=parse_len, default=512, help="tokens per rank per step")
-    g.add_argument("--max-model-len", type=parse_len, default=None, help="context limit (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache per rank, GiB")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--schedule-policy", default="stall-free", choices=["stall-free", "prefill-first"])
-    g.add_argument("--seed", type=int, default=0)
-
-
-def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(
-        model=a.model, dtype=a.dtype, sp=a.sp, tp=a.tp, sp_attn=a.sp_attn, sp_exchange=a.sp_exchange,
-        sp_threshold_tokens=a.sp_threshold, token_budget=a.token_budget, max_model_len=a.max_model_len,
-        max_num_seqs=a.max_num_seqs, block_size=a.block_size,
-        kv_cache_bytes=int(a.kv_cache_gb * 2**30) if a.kv_cache_gb else None,
-        enable_prefix_caching=not a.no_prefix_caching, schedule_policy=a.schedule_policy, seed=a.seed,
-    )
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -124,18 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true", help="log progress and print timings")
     g.set_defaults(func=cmd_generate)
 
-    try:
-        from csps.server.cli import add_serve_parser
+    from csps.bench.cli import add_bench_parser
+    from csps.server.cli import add_serve_parser
 
-        add_serve_parser(sub, add_engine_args)
-    except ImportError:
-        pass
-    try:
-        from csps.bench_cli import add_bench_parser
-
-        add_bench_parser(sub, add_engine_args)
-    except ImportError:
-        pass
+    add_serve_parser(sub, add_engine_args)
+    add_bench_parser(sub, add_engine_args)
     return p
 
 

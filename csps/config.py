@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from csps.core.tp_shard import max_kv_heads_per_rank
 from csps.errors import CspsError
-from csps.tp_shard import max_kv_heads_per_rank
 
 DTYPES = ("auto", "bfloat16", "float32")
 

@@ -6,8 +6,8 @@ import os
 from typing import Sequence
 
 from csps.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
-from csps.outputs import RequestOutput
-from csps.sampling_params import SamplingParams
+from csps.core.sampling_params import SamplingParams
+from csps.engine.outputs import RequestOutput
 
 
 def make_engine_config(
@@ -49,9 +49,13 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     from dataclasses import replace
 
     from csps.dtypes import torch_dtype
-    from csps.engine import Engine
-    from csps.rank_world import check_layout, refuse_if_ranks_running, under_torchrun
-    from csps.weights import load_model_weights
+    from csps.engine.engine import Engine
+    from csps.engine.rank_world import (
+        check_layout,
+        refuse_if_ranks_running,
+        under_torchrun,
+    )
+    from csps.engine.weights import load_model_weights
 
     if config.parallel.world_size > 1 and not under_torchrun():
         refuse_if_ranks_running()  # at once, before minutes of loading weights
@@ -61,8 +65,8 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     limit = max_model_len or model_cfg.max_position_embeddings
     config = replace(config, scheduler=replace(config.scheduler, max_model_len=limit))
     if config.parallel.world_size > 1 and under_torchrun() and int(os.environ["RANK"]) != 0:
-        from csps.engine import kv_pool_blocks
-        from csps.rank_runtime import torchrun_worker_main
+        from csps.engine.engine import kv_pool_blocks
+        from csps.engine.rank_runtime import torchrun_worker_main
 
         check_layout(config, model_cfg)
         torchrun_worker_main(config, weights, kv_pool_blocks(config, model_cfg))  # exits the process

@@ -56,3 +56,12 @@ def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise CspsError(f"unknown preset dummy:{name} (available: {', '.join(sorted(PRESETS))})")
     return ModelConfig(name=f"dummy:{name}", **PRESETS[name])
+
+
+def preset_model_config(model_flag: str) -> ModelConfig | None:
+    """The architecture of ``dummy:<preset>`` (and of the embedded SmolLM2) without loading weights."""
+    if model_flag.startswith("dummy:"):
+        return preset_config(model_flag.split(":", 1)[1])
+    if model_flag in ("smollm2", "default"):
+        return preset_config("smollm2-135m")
+    return None

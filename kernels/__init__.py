@@ -7,8 +7,12 @@ from ``csps.parallel`` or ``csps.server``.
 """
 
 from csps.kernels.attention import attention
-from csps.kernels.attention_torch import attention_torch, decode_attention, decode_attention_one
 from csps.kernels.attention_ref import attention_ref, visibility_mask
+from csps.kernels.attention_torch import (
+    attention_torch,
+    decode_attention,
+    decode_attention_one,
+)
 from csps.kernels.merge import merge_attn, merge_many
 from csps.kernels.norm import rms_norm, rms_norm_ref
 from csps.kernels.paged import gather_kv, gather_kv_padded, write_kv

@@ -8,7 +8,6 @@ the torch path itself); everything else runs ``attention_torch``. Callers import
 from __future__ import annotations
 
 import torch
-
 from csps.kernels.attention_torch import attention_torch
 
 

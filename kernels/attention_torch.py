@@ -20,7 +20,6 @@ attention for a single query is ~6x slower than fp32 (docs/platform.md).
 from __future__ import annotations
 
 import torch
-
 from csps.kernels.attention_ref import visibility_mask
 from csps.kernels.merge import merge_many
 

@@ -31,7 +31,6 @@ import logging
 import re
 
 import torch
-
 from csps.kernels.attention_torch import _select, attention_torch, decode_attention
 from csps.kernels.merge import merge_attn
 from csps.kernels.paged import gather_kv_padded

@@ -25,8 +25,12 @@ import logging
 
 import torch
 import torch.distributed as dist
-
-from csps.kernels.cuda_attention import FLASH_DTYPES, MAX_HEAD_DIM, flash_available, flash_prefill
+from csps.kernels.cuda_attention import (
+    FLASH_DTYPES,
+    MAX_HEAD_DIM,
+    flash_available,
+    flash_prefill,
+)
 from csps.parallel.comm import Comm
 from csps.parallel.ring_attention import ring_attention
 from csps.parallel.sharding import shard_indices, shard_sizes, zigzag_shards

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from csps.parallel.comm import Comm
 
 DEFAULT_TIMEOUT_S = 600.0

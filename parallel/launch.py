@@ -74,7 +74,6 @@ def _child(
         try:
             import torch
             import torch.distributed as dist
-
             from csps.parallel.groups import init_distributed
 
             torch.set_num_threads(num_threads)

@@ -118,7 +118,6 @@ class RankGroup:
     def join_as_rank0(self) -> None:
         """Rendezvous with the children; fails at once (with the child's error) if one dies first."""
         import torch
-
         from csps.parallel.groups import init_distributed
 
         torch.set_num_threads(self.num_threads)

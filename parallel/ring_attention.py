@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-
 from csps.kernels import attention, merge_attn
 from csps.parallel.comm import Comm
 

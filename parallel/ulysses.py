@@ -30,7 +30,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-
 from csps.kernels import attention
 from csps.parallel.comm import Comm
 

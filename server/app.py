@@ -8,13 +8,6 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
-
 from csps.server import openai_api, openapi, summarize_api
 from csps.server.config import ServerConfig
 from csps.server.engine_client import READY, EngineClient
@@ -24,9 +17,20 @@ from csps.server.metrics import ServerMetrics
 from csps.server.metrics_vllm import VllmMetrics
 from csps.server.middleware import OPEN_PATHS, GuardMiddleware
 from csps.server.openai_api import check_model
-from csps.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SummarizeRequest,
-                                  TokenizeRequest)
+from csps.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SummarizeRequest,
+    TokenizeRequest,
+)
 from csps.server.request_id import RequestIdMiddleware
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 log = logging.getLogger("csps.server")
 

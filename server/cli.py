@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from csps.server.config_file import BooleanOptional, ConfigFileAction, StoreConst, track_explicit_flags
+from csps.server.config_file import (
+    BooleanOptional,
+    ConfigFileAction,
+    StoreConst,
+    track_explicit_flags,
+)
 
 
 def parse_bytes(text: str) -> int:
@@ -67,10 +72,11 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from csps.cli import engine_kwargs
     from csps.server.config import ServerConfig
     from csps.server.logs import setup_logging
     from csps.server.run import serve
+
+    from csps.cli_args import engine_kwargs
 
     kw = engine_kwargs(a)
     kw["max_waiting"] = a.max_waiting

@@ -21,7 +21,6 @@ import uuid
 
 import zmq
 import zmq.asyncio
-
 from csps.server import ipc
 from csps.server.config import ServerConfig
 from csps.server.errors import APIError, engine_unavailable

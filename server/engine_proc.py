@@ -17,11 +17,11 @@ import time
 import traceback
 
 import zmq
-
-from csps.errors import CspsError, RequestError
-from csps.sampling_params import SamplingParams
 from csps.server import ipc
 from csps.server.logs import setup_logging
+
+from csps.core.sampling_params import SamplingParams
+from csps.errors import CspsError, RequestError
 
 log = logging.getLogger("csps.server.engine")
 

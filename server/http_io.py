@@ -6,11 +6,10 @@ import asyncio
 import json
 from typing import TypeVar
 
+from csps.server.errors import APIError, bad_request, describe_validation_error
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
-
-from csps.server.errors import APIError, bad_request, describe_validation_error
 
 M = TypeVar("M", bound=BaseModel)
 

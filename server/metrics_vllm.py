@@ -6,9 +6,8 @@ as vLLM's do (``vllm:prompt_tokens_total``).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from csps.server.metrics import ITL_BUCKETS_S, LATENCY_BUCKETS_S, FinishedRequest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 NAMES = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
          "vllm:request_queue_time_seconds", "vllm:num_requests_running", "vllm:num_requests_waiting",

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-
 from csps.server.errors import APIError, bad_request
-from csps.server.http_io import (SSE_DONE, ClientGone, EngineStream, gone_response, parse_json, sse,
-                                 unless_disconnected)
+from csps.server.http_io import (
+    SSE_DONE,
+    ClientGone,
+    EngineStream,
+    gone_response,
+    parse_json,
+    sse,
+    unless_disconnected,
+)
 from csps.server.openapi import body
 from csps.server.protocol import ChatCompletionRequest, CompletionRequest
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 router = APIRouter()
 

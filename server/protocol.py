@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Literal, Union
 
+from csps.server.errors import bad_request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from csps.core.sampling_params import SamplingParams
 from csps.errors import RequestError
-from csps.sampling_params import SamplingParams
-from csps.server.errors import bad_request
 
 MAX_N = 64
 

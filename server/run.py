@@ -8,10 +8,10 @@ import signal
 import socket
 
 import uvicorn
-
-from csps.errors import CspsError
 from csps.server.app import ServerState, create_app
 from csps.server.config import ServerConfig
+
+from csps.errors import CspsError
 
 log = logging.getLogger("csps.server")
 

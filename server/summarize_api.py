@@ -10,17 +10,25 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
-
 from csps.server.errors import APIError, bad_request
-from csps.server.http_io import (SSE_DONE, ClientGone, EngineStream, decode_utf8, gone_response, parse_json, sse,
-                                 unless_disconnected, validate)
+from csps.server.http_io import (
+    SSE_DONE,
+    ClientGone,
+    EngineStream,
+    decode_utf8,
+    gone_response,
+    parse_json,
+    sse,
+    unless_disconnected,
+    validate,
+)
 from csps.server.openai_api import check_model
 from csps.server.openapi import body
 from csps.server.protocol import SummarizeRequest
 from csps.server.summarize import Summarizer
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 router = APIRouter()
 

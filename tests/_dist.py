@@ -8,7 +8,6 @@ and returns plain numbers that the parent process asserts on.
 from __future__ import annotations
 
 import torch
-
 from csps.parallel import Comm
 
 TOL = 1e-5  # fp32 tolerance against attention_ref

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from csps.weights import config_from_hf
+from csps.engine.weights import config_from_hf
 
 BASE = dict(
     vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from csps.core.sampling_params import SamplingParams
 from csps.llm import create_engine, make_engine_config
-from csps.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 

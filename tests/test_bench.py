@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from csps.bench_report import distribution, format_table, percentile
+from csps.bench.report import distribution, format_table, percentile
+from csps.bench.workloads import WorkloadConfig, arrival_times, book_text, make_workload
 from csps.device import resolve_dtype
 from csps.dtypes import DTYPE_BYTES
 from csps.errors import CspsError
-from csps.workloads import WorkloadConfig, arrival_times, book_text, make_workload
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +86,8 @@ def test_max_time_refuses_with_a_suggestion(capsys):
 
 
 def test_long_context_warning(caplog):
-    from csps.bench import preset_model_config, warn_long_context
+    from csps.bench.run import warn_long_context
+    from csps.presets import preset_model_config
 
     tiny = preset_model_config("dummy:tiny")
     with caplog.at_level("WARNING"):
@@ -95,7 +96,7 @@ def test_long_context_warning(caplog):
 
 
 def test_auto_token_budget():
-    from csps.bench import auto_token_budget
+    from csps.bench.run import auto_token_budget
 
     assert auto_token_budget(1, 262144, 16) == 8192
     assert auto_token_budget(1, 2000, 16) == 512
@@ -175,7 +176,7 @@ def test_table_has_ratio_column():
 
 
 def test_cli_parsers():
-    from csps.bench_cli import parse_rate, parse_seconds, parse_slo
+    from csps.bench.cli import parse_rate, parse_seconds, parse_slo
 
     assert parse_seconds("10m") == 600 and parse_seconds("250ms") == 0.25 and parse_seconds("90") == 90
     assert parse_slo("ttft=2s tbt=100ms") == {"ttft": 2.0, "tbt": 0.1}
@@ -205,6 +206,6 @@ def test_validate_reports_prediction_error_per_case(tmp_path, capsys):
         assert c["error"] == pytest.approx((c["predicted_s"] - c["measured_s"]) / c["measured_s"])
     assert res["median_abs_error"] >= 0 and res["fits"]["sp1"]["profile"]["step_overhead_s"] >= 0
     # the fitted profile now predicts later runs of this model (the --max-time guard)
-    from csps.bench import local_profile
+    from csps.bench.run import local_profile
 
     assert local_profile("dummy:tiny", DTYPE_BYTES[resolve_dtype("auto")])[1] == "fitted by --validate"

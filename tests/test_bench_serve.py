@@ -13,8 +13,16 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from csps.bench_serve import (
-    Prompt, ServeTarget, _histogram, find_capacity, histogram_quantile, meets_capacity_slo, run_load, serve_metrics)
+from csps.bench.serve import (
+    Prompt,
+    ServeTarget,
+    _histogram,
+    find_capacity,
+    histogram_quantile,
+    meets_capacity_slo,
+    run_load,
+    serve_metrics,
+)
 
 TOKEN_DELAY_S = 0.01
 
@@ -167,8 +175,9 @@ def _csps_serve_available() -> bool:
 
 @pytest.mark.skipif(not _csps_serve_available(), reason="csps serve is not available in this checkout")
 def test_bench_serve_against_live_csps_serve(tmp_path):
-    from csps.cli import main
     from csps.server.testing import ServerProcess
+
+    from csps.cli import main
 
     with ServerProcess(["--model", "dummy:tiny", "--max-model-len", "1024"], timeout_s=240) as srv:
         out = tmp_path / "live.json"
@@ -182,7 +191,7 @@ def test_bench_serve_against_live_csps_serve(tmp_path):
 
 
 def test_which_stream_chunks_count_as_output():
-    from csps.bench_serve import _is_token_chunk
+    from csps.bench.serve import _is_token_chunk
 
     def comp(text, finish=None):
         return {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
@@ -229,7 +238,7 @@ def test_headers_api_key_env_and_vllm_result_file(fake_server, tmp_path, monkeyp
 def test_sharegpt_file_and_prefix_repetition(fake_server, tmp_path, smollm2_tokenizer):
     from argparse import Namespace
 
-    from csps.bench_serve_data import dataset_rows
+    from csps.bench.serve_data import dataset_rows
 
     url, app = fake_server
     long_reply = "word " * 40

@@ -13,12 +13,11 @@ import logging
 import subprocess
 import sys
 
+import csps.kernels.cuda_attention as ca
+import csps.parallel.cuda_ring as cr
 import pytest
 import torch
 import torch.distributed as dist
-
-import csps.kernels.cuda_attention as ca
-import csps.parallel.cuda_ring as cr
 from _dist import SPAWN_TIMEOUT_S, TOL, max_err, rand, rand_qkv, world_comm
 from csps.kernels import attention_ref, gather_kv
 from csps.parallel import Comm, ring_attention, shard_indices, spawn, zigzag_shards

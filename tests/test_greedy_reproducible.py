@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-
-from csps.llm import create_engine, make_engine_config
-from csps.sampling_params import SamplingParams
-from csps.weights import load_model_weights
 from greedy import first_real_divergence
+
+from csps.core.sampling_params import SamplingParams
+from csps.engine.weights import load_model_weights
+from csps.llm import create_engine, make_engine_config
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,18 @@
 
 import pytest
 import torch
-
-from csps.kernels import (RopeScaling, apply_rope, attention, attention_ref, decode_attention, merge_attn,
-                          merge_many, rms_norm, rms_norm_ref, rope_inv_freq)
+from csps.kernels import (
+    RopeScaling,
+    apply_rope,
+    attention,
+    attention_ref,
+    decode_attention,
+    merge_attn,
+    merge_many,
+    rms_norm,
+    rms_norm_ref,
+    rope_inv_freq,
+)
 from csps.kernels.paged import gather_kv, gather_kv_padded, write_kv
 
 G = torch.Generator().manual_seed(0)
@@ -67,8 +76,8 @@ def test_attention_over_granular_zigzag_matches_reference(rank, q_tile, dtype):
     # share and its cached KV plus its share; tiles of 8 queries, none (dense mask), or one tile
     import importlib
 
-    from csps import kv_placement as kp
-    from csps.plan import ranges_to_list
+    from csps.core import kv_placement as kp
+    from csps.core.plan import ranges_to_list
 
     attention_mod = importlib.import_module("csps.kernels.attention_torch")  # the package exports the function
 
@@ -192,8 +201,8 @@ def test_batched_decodes_read_long_runs_in_place(kv_head_map):
     # ends inside its last block, one exactly at a block's end), a long context in single interleaved
     # blocks and a short one (both gathered into the padded batch); also with query heads mapped
     # unevenly onto local KV heads (a TP rank)
-    from csps.attn_context import KVCacheTensors, LocalAttention, block_runs
-    from csps.plan import SeqWork
+    from csps.core.plan import SeqWork
+    from csps.engine.paged_attention import KVCacheTensors, LocalAttention, block_runs
 
     bs, hkv, d = 16, 2, 16
     hq = 6 if kv_head_map is None else len(kv_head_map)

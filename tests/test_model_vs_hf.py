@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
-from csps.engine import Engine
-from csps.llm import make_engine_config
-from csps.plan import SeqWork, StepPlan
-from csps.rank_runtime import RankRuntime
-from csps.sampling_params import SamplingParams
 from hf_oracle import build_hf, hf_greedy, hf_logits
+
+from csps.core.plan import SeqWork, StepPlan
+from csps.core.sampling_params import SamplingParams
+from csps.engine.engine import Engine
+from csps.engine.rank_runtime import RankRuntime
+from csps.llm import make_engine_config
 
 TOL = 1e-3
 BLOCK = 16

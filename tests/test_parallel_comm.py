@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from _dist import SPAWN_TIMEOUT_S, world_comm
 from csps.parallel import Comm, SpawnError, SpawnTimeout, build_groups, spawn
 

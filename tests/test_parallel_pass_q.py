@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from _dist import SPAWN_TIMEOUT_S, TOL, max_err, rand_qkv, random_split, world_comm
 from csps.kernels import attention_ref, decode_attention
 from csps.parallel import (

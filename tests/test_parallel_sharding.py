@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from csps.kernels import visibility_mask
 from csps.parallel.sharding import (
     causal_work_pairs,

@@ -4,10 +4,15 @@ import importlib.util
 
 import pytest
 import torch
-
 from _dist import SPAWN_TIMEOUT_S, TOL, max_err, rand_qkv, world_comm
 from csps.kernels import attention_ref
-from csps.parallel import contiguous_shards, shard_indices, spawn, ulysses_attention, zigzag_shards
+from csps.parallel import (
+    contiguous_shards,
+    shard_indices,
+    spawn,
+    ulysses_attention,
+    zigzag_shards,
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (extra: ulysses)"

@@ -2,8 +2,8 @@
 
 import torch
 
-from csps.sampler import SampleRow, apply_penalties, filter_logits, sample
-from csps.sampling_params import SamplingParams
+from csps.core.sampling_params import SamplingParams
+from csps.engine.sampler import SampleRow, apply_penalties, filter_logits, sample
 
 
 def draw(logits, params, n=4000, seed=0):

@@ -6,10 +6,10 @@ import sys
 import pytest
 
 from csps.config import SchedulerConfig
-from csps.kv_cache import BlockPool, KVCacheManager
-from csps.request import Request, Status
-from csps.sampling_params import SamplingParams
-from csps.scheduler import Scheduler
+from csps.core.kv_cache import BlockPool, KVCacheManager
+from csps.core.request import Request, Status
+from csps.core.sampling_params import SamplingParams
+from csps.core.scheduler import Scheduler
 
 BS = 16
 
@@ -40,7 +40,7 @@ def run_step(s: Scheduler, fake_token=7):
 
 
 def test_scheduler_does_not_import_torch():
-    code = "import csps.scheduler, csps.kv_cache, sys; assert 'torch' not in sys.modules"
+    code = "import csps.core.scheduler, csps.core.kv_cache, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -186,7 +186,7 @@ def make_sp(sp=2, budget=64, num_blocks=200, threshold=100):
 
 
 def test_sp_request_spreads_each_chunk_within_per_rank_budgets():
-    from csps import kv_placement as kp
+    from csps.core import kv_placement as kp
 
     s = make_sp(sp=4, budget=64)
     s.add(req(0, 1000, max_tokens=3))

@@ -6,7 +6,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from csps.server.testing import ServerProcess
 
 MAX_MODEL_LEN = 256

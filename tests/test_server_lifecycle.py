@@ -8,7 +8,6 @@ import sys
 import threading
 
 import httpx
-
 from csps.server.testing import ServerProcess
 
 TINY = ["--model", "dummy:tiny", "--max-model-len", "512"]

@@ -12,9 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from csps.server.testing import ServerProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 MAX_MODEL_LEN = 1024
 SHORT = "The quick brown fox"  # < 16 tokens

@@ -9,10 +9,9 @@ import re
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from csps.server.metrics_vllm import NAMES as VLLM_NAMES
 from csps.server.testing import ServerProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 KEY = "ops-key"
 ORIGIN = "https://app.example"

@@ -4,9 +4,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from csps.server.testing import ServerProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @pytest.fixture(scope="module")

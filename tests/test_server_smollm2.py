@@ -2,7 +2,6 @@
 
 import openai
 import pytest
-
 from csps.server.testing import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -8,11 +8,16 @@ import json
 
 import pytest
 
+from csps.bench.simulator import (
+    Strategy,
+    kv_tokens_per_rank,
+    simulate,
+    standard_strategies,
+)
+from csps.bench.workloads import WorkloadConfig, make_workload
 from csps.errors import CspsError
-from csps.hardware import get_profile
+from csps.perf.hardware import get_profile
 from csps.presets import preset_config
-from csps.simulator import Strategy, kv_tokens_per_rank, simulate, standard_strategies
-from csps.workloads import WorkloadConfig, make_workload
 
 LLAMA3_8B = preset_config("llama3-8b")
 H100 = get_profile("h100")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csps import LLM, SamplingParams
-from csps.weights import default_model_path
+from csps.engine.weights import default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_logits_match_transformers_on_gguf(hf_smollm2, llm32):
     with torch.inference_mode():
         ref = hf_smollm2(torch.tensor([ids])).logits[0, -1].float()
     engine = llm32.engine
-    from csps.plan import SeqWork, StepPlan
+    from csps.core.plan import SeqWork, StepPlan
 
     pool = engine.kvs[0].pool
     blocks = pool.allocate(-(-len(ids) // 16))

@@ -7,7 +7,6 @@ requests, a prefix-cache hit, and a preemption.
 
 import pytest
 import torch
-
 from greedy import first_real_divergence
 from hf_oracle import build_hf
 from sp_harness import max_logit_diff, run
@@ -87,8 +86,8 @@ def test_ulysses_agrees(weights, reference):
 def test_long_sp_decode_matches_single_process(weights, sp, tp):
     # 2,600 prompt tokens: each SP rank holds > 1,024 of them in runs of 32 blocks (a 512-token share of
     # each 1,024-token chunk), so its pass-Q decodes read the cache in place, a call per run of blocks
-    from csps import kv_placement as kp
-    from csps.attn_context import IN_PLACE_MIN_TOKENS
+    from csps.core import kv_placement as kp
+    from csps.engine.paged_attention import IN_PLACE_MIN_TOKENS
 
     assert min(kp.shares(0, 2600, 2, 16)) >= IN_PLACE_MIN_TOKENS  # long enough for the in-place path
     kw = dict(token_budget=512, num_blocks=512, max_model_len=4096, sp_threshold_tokens=200, enable_prefix_caching=False)

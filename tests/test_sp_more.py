@@ -7,21 +7,21 @@ import time
 
 import pytest
 import torch
+from csps.parallel.sharding import causal_work_per_rank
+from sp_harness import max_logit_diff, run
 
-from csps import kv_placement as kp
+from csps.core import kv_placement as kp
+from csps.core.sampling_params import SamplingParams
+from csps.engine.weights import load_model_weights
 from csps.errors import CspsError
 from csps.llm import create_engine, make_engine_config
-from csps.parallel.sharding import causal_work_per_rank
-from csps.sampling_params import SamplingParams
-from csps.weights import load_model_weights
-from sp_harness import max_logit_diff, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from csps.tokenizer import Tokenizer, load_tokenizer
+    from csps.engine.tokenizer import Tokenizer, load_tokenizer
 
     return load_model_weights("smollm2", torch.float32), Tokenizer(load_tokenizer("smollm2"))
 

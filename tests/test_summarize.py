@@ -6,9 +6,13 @@ import json
 
 import httpx
 import pytest
-
 from csps.server.protocol import SummarizeRequest
-from csps.server.summarize import INSTRUCTIONS, Summarizer, split_evenly, split_paragraphs
+from csps.server.summarize import (
+    INSTRUCTIONS,
+    Summarizer,
+    split_evenly,
+    split_paragraphs,
+)
 from csps.server.testing import ServerProcess
 
 MAX_MODEL_LEN = 512

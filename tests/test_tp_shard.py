@@ -1,10 +1,10 @@
-"""Tensor-parallel head layout (``csps.tp_shard``): even splits, replicated KV heads, the KV-head map,
+"""Tensor-parallel head layout (``csps.core.tp_shard``): even splits, replicated KV heads, the KV-head map,
 and the KV-cache bytes every layer derives from it."""
 
 import pytest
 
+from csps.core.tp_shard import TPShard, max_kv_heads_per_rank, split_range
 from csps.presets import preset_config
-from csps.tp_shard import TPShard, max_kv_heads_per_rank, split_range
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ where stall-free batching and prefill-first differ.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import sysconfig
@@ -116,7 +117,7 @@ def _lengths(n: int, mean: int, ratio: float, rng: random.Random) -> list[int]:
 
 def default_books_dir() -> Path:
     """``../shared/data/books`` relative to the repository holding the ``csps`` package."""
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "books"
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "books"
 
 
 def book_text(path: str | None = None) -> str:
@@ -202,3 +203,24 @@ def make_workload(cfg: WorkloadConfig, *, with_ids: bool = True, tokenizer: Enco
     specs = [RequestSpec(n, o, a, tag, tuple(i) if i is not None else None)
              for n, o, a, tag, i in zip(lengths, outputs, arrivals, tags, ids)]
     return sorted(specs, key=lambda s: s.arrival_s)
+
+
+# --- from ``csps bench`` flags ----------------------------------------------------------------------
+
+def workload_config(a: argparse.Namespace, default_prompts: int = 1) -> WorkloadConfig:
+    return WorkloadConfig(
+        dataset=a.dataset, num_prompts=a.num_prompts if a.num_prompts is not None else default_prompts,
+        prompt_len=a.prompt_len, output_len=a.output_len, range_ratio=a.range_ratio,
+        request_rate_per_s=a.request_rate, arrival=a.arrival, long_prompt_len=a.long_prompt_len,
+        long_output_len=a.long_output_len, long_arrival_s=a.long_arrival, path=a.dataset_path,
+        seed=getattr(a, "seed", 0))
+
+
+def workload_from_args(a, tokenizer=None, vocab_size=None, with_ids=True) -> list[RequestSpec]:
+    return make_workload(workload_config(a), with_ids=with_ids, tokenizer=tokenizer, vocab_size=vocab_size)
+
+
+def workload_dict(a) -> dict:
+    from dataclasses import asdict
+
+    return asdict(workload_config(a))

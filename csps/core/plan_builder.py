@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from csps import kv_placement as kp
-from csps.kv_cache import KVCacheManager
-from csps.plan import SeqWork, SPSeqWork, StepPlan
-from csps.request import Request
-from csps.scheduler import ScheduledChunk, SchedulerOutput
+from csps.core import kv_placement as kp
+from csps.core.kv_cache import KVCacheManager
+from csps.core.plan import SeqWork, SPSeqWork, StepPlan
+from csps.core.request import Request
+from csps.core.scheduler import ScheduledChunk, SchedulerOutput
 
 # (num new tokens, num cached tokens) -> "pass_kv" | "pass_q" | "ulysses"
 ChooseExchange = Callable[[int, int], str]

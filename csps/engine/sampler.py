@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csps.sampling_params import SamplingParams
+from csps.core.sampling_params import SamplingParams
 
 
 @dataclass

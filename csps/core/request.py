@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from csps.sampling_params import RequestMetrics, SamplingParams
+from csps.core.sampling_params import RequestMetrics, SamplingParams
 
 
 class Status(enum.Enum):

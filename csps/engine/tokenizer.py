@@ -10,8 +10,8 @@ import hashlib
 import logging
 import os
 
+from csps.engine.weights import default_model_path, resolve_model
 from csps.errors import ModelLoadError
-from csps.weights import default_model_path, resolve_model
 
 log = logging.getLogger("csps.tokenizer")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from csps.core.plan import SeqWork, ranges_to_list
 from csps.kernels import attention, decode_attention, decode_attention_one, merge_many
 from csps.kernels.paged import gather_kv, gather_kv_padded, write_kv
-from csps.plan import SeqWork, ranges_to_list
 
 
 class KVCacheTensors:

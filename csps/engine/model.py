@@ -2,7 +2,7 @@
 
 The forward takes a packed batch of variable-length token runs (no padding): ``input_ids [T]``,
 ``positions [T]`` and an attention callable that owns the paged KV cache and knows which tokens
-belong to which sequence (``csps.attn_context``). Tensor parallelism (Megatron style) shards heads
+belong to which sequence (``csps.engine.paged_attention``). Tensor parallelism (Megatron style) shards heads
 and the MLP across a TP group: pass ``tp_rank``, ``tp_size`` and a ``tp_comm`` whose
 ``all_reduce(t, kind)`` sums partial outputs; with ``tp_size == 1`` no communication happens.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from csps.config import ModelConfig
+from csps.core.tp_shard import TPShard, split_range
 from csps.kernels import RopeScaling, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
-from csps.tp_shard import TPShard, split_range
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from csps.config import ModelConfig
 from csps.errors import CspsError
-from csps.hardware import HardwareProfile
+from csps.perf.hardware import HardwareProfile
 
 EXCHANGES = ("pass_kv", "pass_q", "ulysses", "auto")
 LSE_BYTES = 4  # the log-sum-exp travels in fp32

@@ -12,7 +12,7 @@ import math
 import statistics
 import time
 
-from csps.bench_report import percentile
+from csps.bench.report import percentile
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")

@@ -1,7 +1,7 @@
 """``csps bench`` (real engine, ``--simulate``, ``--validate``) and ``csps bench serve``: arguments only.
 
-The work happens in ``csps.bench`` (real runs), ``csps.bench_validate``, ``csps.simulator`` (GPU clusters on a
-virtual clock) and ``csps.bench_serve`` (online load against an OpenAI-compatible server).
+The work happens in ``csps.bench.run`` (real runs), ``csps.bench.validate``, ``csps.bench.simulator`` (GPU clusters on a
+virtual clock) and ``csps.bench.serve`` (online load against an OpenAI-compatible server).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import math
 import os
 import re
 
-from csps.bench_serve_data import SERVE_DATASETS
-from csps.cli import parse_len
-from csps.hardware import PROFILE_NAMES
-from csps.workloads import ARRIVALS, DATASETS, WorkloadConfig
+from csps.bench.serve_data import SERVE_DATASETS
+from csps.bench.workloads import ARRIVALS, DATASETS
+from csps.cli_args import parse_len
+from csps.perf.hardware import PROFILE_NAMES
 
 
 def parse_seconds(text: str) -> float:
@@ -122,15 +122,6 @@ def _add_workload_args(p: argparse.ArgumentParser, prompt_default: int, output_d
     g.add_argument("--json", default=None, help="write results here (default: csps-bench-<kind>-<time>.json)")
 
 
-def workload_config(a: argparse.Namespace, default_prompts: int = 1) -> WorkloadConfig:
-    return WorkloadConfig(
-        dataset=a.dataset, num_prompts=a.num_prompts if a.num_prompts is not None else default_prompts,
-        prompt_len=a.prompt_len, output_len=a.output_len, range_ratio=a.range_ratio,
-        request_rate_per_s=a.request_rate, arrival=a.arrival, long_prompt_len=a.long_prompt_len,
-        long_output_len=a.long_output_len, long_arrival_s=a.long_arrival, path=a.dataset_path,
-        seed=getattr(a, "seed", 0))
-
-
 def add_bench_parser(sub, add_engine_args) -> None:
     p = sub.add_parser("bench", help="measure the real engine, or simulate GPU clusters with the cost model",
                        description="Real runs by default; --simulate predicts GPU clusters; --validate checks "
@@ -209,24 +200,24 @@ def add_bench_parser(sub, add_engine_args) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     if getattr(a, "bench_command", None) == "serve":
-        from csps.bench_serve_main import main_serve
+        from csps.bench.serve_main import main_serve
 
         return main_serve(a)
-    from csps import bench
+    from csps.bench import run as bench
 
     if a.model is None:
         a.model = "dummy:tiny" if a.validate else "smollm2"
     if a.reprobe:
         from csps.device import resolve_dtype
-        from csps.hardware import load_or_probe
+        from csps.perf.hardware import load_or_probe
 
         load_or_probe(dtype_bytes=2 if resolve_dtype(a.dtype) == "bfloat16" else 4, refresh=True)
     if a.validate:
-        from csps.bench_validate import main_validate
+        from csps.bench.validate import main_validate
 
         return main_validate(a)
     if a.simulate:
-        from csps.simulator import main_simulate
+        from csps.bench.simulate_main import main_simulate
 
         return main_simulate(a)
     return bench.main_real(a)

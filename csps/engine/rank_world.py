@@ -13,8 +13,8 @@ import os
 
 import torch
 
+from csps.core.plan import StepPlan
 from csps.errors import CspsError
-from csps.plan import StepPlan
 
 log = logging.getLogger("csps.rank_world")
 
@@ -67,8 +67,8 @@ class RankWorld:
 
     def start(self, config, model_cfg, state_dict, num_blocks: int) -> None:
         """Bring up ranks 1..W-1 and join them as rank 0 (nothing to do at world size 1)."""
-        from csps.rank_runtime import agree_num_blocks, child_main
-        from csps.weights import SharedWeights
+        from csps.engine.rank_runtime import agree_num_blocks, child_main
+        from csps.engine.weights import SharedWeights
 
         world = config.parallel.world_size
         if world == 1:

@@ -1,6 +1,6 @@
 """``csps bench serve`` from the command line: prompts of the chosen dataset, the request headers, one
 measured run (or a capacity search), the printed metrics and the result files (csps's ``--json``
-document; vLLM's layout with ``--save-result``). The load and its measurement are in ``csps.bench_serve``.
+document; vLLM's layout with ``--save-result``). The load and its measurement are in ``csps.bench.serve``.
 """
 
 from __future__ import annotations
@@ -8,16 +8,23 @@ from __future__ import annotations
 import math
 import os
 
-from csps.bench_serve import MAX_MEDIAN_QUEUE_S, Prompt, ServeTarget, find_capacity, measure, measure_run, run_load
+from csps.bench.serve import (
+    MAX_MEDIAN_QUEUE_S,
+    Prompt,
+    ServeTarget,
+    find_capacity,
+    measure,
+    measure_run,
+    run_load,
+)
 from csps.errors import CspsError
 
 
 def make_prompts(a, tokenizer, rate: float, min_count: int = 0) -> list[Prompt]:
     from dataclasses import replace
 
-    from csps.bench_cli import workload_config
-    from csps.bench_serve_data import SERVE_DATASETS, dataset_rows
-    from csps.workloads import arrival_times, make_workload
+    from csps.bench.serve_data import SERVE_DATASETS, dataset_rows
+    from csps.bench.workloads import arrival_times, make_workload, workload_config
 
     n = max(a.num_prompts if a.num_prompts is not None else 100, min_count)
     if a.dataset in SERVE_DATASETS:
@@ -58,10 +65,9 @@ def print_metrics(m: dict) -> None:
 
 
 def main_serve(a) -> int:
-    from csps.bench import default_json_path
-    from csps.bench_report import document, git_revision, write_json
-    from csps.bench_serve_result import default_result_filename, vllm_result
-    from csps.tokenizer import Tokenizer, load_tokenizer
+    from csps.bench.report import default_json_path, document, git_revision, write_json
+    from csps.bench.serve_result import default_result_filename, vllm_result
+    from csps.engine.tokenizer import Tokenizer, load_tokenizer
 
     if a.save_result and a.find_capacity:
         raise CspsError("--save-result writes one run; --find-capacity writes its trials with --json")

@@ -16,15 +16,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from csps.bench import (
-    build_engine, default_json_path, fitted_key, per_rank_profile, predict_real, preset_model_config,
-    run_real, wait_for_quiet, warm_up, warn_long_context)
-from csps.bench_report import percentile
-from csps.cost_model import FIT_PARAMS, fit
+from csps.bench.report import default_json_path, percentile
+from csps.bench.run import (
+    build_engine,
+    fitted_key,
+    per_rank_profile,
+    predict_real,
+    run_real,
+    wait_for_quiet,
+    warm_up,
+    warn_long_context,
+)
+from csps.bench.workloads import RequestSpec
 from csps.dtypes import dtype_bytes
 from csps.errors import CspsError
-from csps.hardware import HardwareProfile, load_or_probe, save_cached
-from csps.workloads import RequestSpec
+from csps.perf.cost_model import FIT_PARAMS, fit
+from csps.perf.hardware import HardwareProfile, load_or_probe, save_cached
+from csps.presets import preset_model_config
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,7 @@ CALIBRATION_MAX_PREFILL_S = 10.0
 
 def _random_specs(n: int, prompt_len: int, output_len: int, seed: int, vocab: int,
                   with_ids: bool = True) -> tuple[RequestSpec, ...]:
-    from csps.workloads import WorkloadConfig, make_workload
+    from csps.bench.workloads import WorkloadConfig, make_workload
 
     cfg = WorkloadConfig(num_prompts=n, prompt_len=prompt_len, output_len=output_len, seed=seed)
     return tuple(make_workload(cfg, with_ids=with_ids, vocab_size=vocab))
@@ -117,8 +125,8 @@ def _describe(hw: HardwareProfile, e: int) -> str:
 
 
 def main_validate(a) -> int:
-    from csps.bench_report import document, git_revision, write_json
-    from csps.cli import engine_kwargs, parse_len
+    from csps.bench.report import document, git_revision, write_json
+    from csps.cli_args import engine_kwargs, parse_len
     from csps.llm import make_engine_config
 
     git = git_revision()

@@ -10,8 +10,8 @@ usage report when it sends one, else they are the number of output chunks. Metri
 
 Goodput (``--goodput ttft:MS tpot:MS e2el:MS`` as in vLLM, or ``--slo ttft=.. tbt=..``): requests per
 second within every SLO given. ``--api-key`` (default ``$OPENAI_API_KEY``) and ``--header K=V`` go on every
-request; ``--save-result`` writes vLLM's result JSON (``csps.bench_serve_result``); datasets beyond the
-engine workloads (ShareGPT files, prefix repetition) are in ``csps.bench_serve_data``.
+request; ``--save-result`` writes vLLM's result JSON (``csps.bench.serve_result``); datasets beyond the
+engine workloads (ShareGPT files, prefix repetition) are in ``csps.bench.serve_data``.
 Capacity (``--find-capacity``, Sarathi-Serve's definition): the highest request rate whose p99 ITL
 (TBT) stays under the TBT SLO while the median queueing delay is at most 2 s; each trial sends
 requests for at least ``--capacity-duration`` (more prompts at higher rates), so that an overloaded
@@ -30,8 +30,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from csps.bench_report import percentile
-from csps.bench_serve_result import serve_metrics
+from csps.bench.report import percentile
+from csps.bench.serve_result import serve_metrics
 
 MAX_MEDIAN_QUEUE_S = 2.0  # Sarathi-Serve's capacity condition
 QUEUE_METRIC = "csps_request_queue_time_seconds"

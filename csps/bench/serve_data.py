@@ -1,4 +1,4 @@
-"""Prompts for ``csps bench serve``: the engine workloads (random, books, code; ``csps.workloads``) plus
+"""Prompts for ``csps bench serve``: the engine workloads (random, books, code; ``csps.bench.workloads``) plus
 two datasets of ``vllm bench serve``:
 
 - ``sharegpt``: a ShareGPT-format JSON file (``--dataset-path``): a list of ``{"conversations": [{"from":
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+
 from csps.errors import CspsError
 
 SERVE_DATASETS = ("sharegpt", "prefix_repetition")

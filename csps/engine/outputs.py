@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from csps.request import Request, Status
-from csps.sampler import Sampled
-from csps.sampling_params import RequestMetrics
-from csps.tokenizer import IncrementalDetokenizer, Tokenizer
+from csps.core.request import Request, Status
+from csps.core.sampling_params import RequestMetrics
+from csps.engine.sampler import Sampled
+from csps.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass

@@ -16,16 +16,16 @@ import sys
 
 import torch
 
-from csps.attn_context import KVCacheTensors
+from csps.core.plan import BlockTables, SeqWork, StepPlan, ranges_to_list
+from csps.core.tp_shard import TPShard
 from csps.dtypes import torch_dtype
-from csps.exchange import measure_link
-from csps.hardware import LinkProfile
-from csps.model import LlamaModel
-from csps.tp_shard import TPShard
+from csps.engine.exchange import measure_link
+from csps.engine.model import LlamaModel
+from csps.engine.paged_attention import KVCacheTensors
+from csps.engine.sp_attention import SPAttention
 from csps.parallel.comm import Comm
 from csps.parallel.groups import ParallelGroups, build_groups
-from csps.plan import BlockTables, SeqWork, StepPlan, ranges_to_list
-from csps.sp_attention import SPAttention
+from csps.perf.hardware import LinkProfile
 
 log = logging.getLogger("csps.rank_runtime")
 
@@ -130,7 +130,7 @@ def rank_loop(rt: RankRuntime) -> None:
 
 def child_main(rank: int, world_size: int, config, weights, num_blocks: int) -> None:
     """A rank process started by rank 0 (``RankGroup``): build the runtime, serve plans."""
-    from csps.weights import SharedWeights
+    from csps.engine.weights import SharedWeights
 
     model_cfg, sd = weights
     if isinstance(sd, SharedWeights):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import msgpack
 
-from csps import kv_placement as kp
+from csps.core import kv_placement as kp
 
 Ranges = list[tuple[int, int]]
 

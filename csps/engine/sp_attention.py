@@ -20,14 +20,20 @@ from typing import Callable
 
 import torch
 
-from csps.attn_context import (KVCacheTensors, LocalAttention, can_read_in_place, in_place_runs, run_views,
-                               slots_for)
+from csps.core.plan import BlockTables, SeqWork, SPSeqWork, ranges_to_list
+from csps.engine.paged_attention import (
+    KVCacheTensors,
+    LocalAttention,
+    can_read_in_place,
+    in_place_runs,
+    run_views,
+    slots_for,
+)
 from csps.kernels import attention, merge_attn, merge_many
 from csps.kernels.paged import gather_kv, write_kv
 from csps.parallel.comm import Comm
 from csps.parallel.pass_q import pass_q_attention
 from csps.parallel.ring_attention import ring_attention
-from csps.plan import BlockTables, SeqWork, SPSeqWork, ranges_to_list
 
 
 def local_positions(num: int, layout: tuple[int, int, int]) -> torch.Tensor:

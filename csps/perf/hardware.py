@@ -20,7 +20,6 @@ from typing import Callable
 
 from csps.errors import CspsError
 
-
 log = logging.getLogger("csps.hardware")
 
 

@@ -1,6 +1,6 @@
 """``csps bench``: the real engine on this machine, one workload, the numbers users judge by.
 
-``run_real`` feeds a workload (``csps.workloads``) to an engine built by ``create_engine`` (so SP > 1
+``run_real`` feeds a workload (``csps.bench.workloads``) to an engine built by ``create_engine`` (so SP > 1
 works once the multi-rank engine lands), adding each request when its arrival time has passed on the
 wall clock, stepping until all finish. It records every step: the engine's ``step_log`` (time,
 tokens, bytes by kind) plus the step's shape, read by wrapping the scheduler's ``schedule`` (the
@@ -8,7 +8,7 @@ engine does not log shapes yet), from which the cost model counts the step's use
 
 ``predict_real`` is the same run on the simulator's virtual clock with this machine's profile (the
 one ``csps bench --validate`` fitted for the model, else the probe): the ``--max-time`` guard and the
-predictions ``csps.bench_validate`` checks.
+predictions ``csps.bench.validate`` checks.
 """
 
 from __future__ import annotations
@@ -18,14 +18,25 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from csps.bench_report import RequestSample, StepSample, summarize_run
+from csps.bench.report import (
+    RequestSample,
+    StepSample,
+    default_json_path,
+    summarize_run,
+)
+from csps.bench.simulator import Strategy, kv_bytes_per_block, simulate, step_shape
+from csps.bench.workloads import RequestSpec, workload_dict, workload_from_args
 from csps.config import ModelConfig
-from csps.cost_model import StepShape, predict_step
 from csps.dtypes import dtype_bytes
 from csps.errors import CspsError
-from csps.hardware import HardwareProfile, cache_key, default_cache_path, load_or_probe
-from csps.simulator import Strategy, kv_bytes_per_block, simulate, step_shape
-from csps.workloads import RequestSpec
+from csps.perf.cost_model import StepShape, predict_step
+from csps.perf.hardware import (
+    HardwareProfile,
+    cache_key,
+    default_cache_path,
+    load_or_probe,
+)
+from csps.presets import preset_model_config
 
 log = logging.getLogger("csps.bench")
 
@@ -118,7 +129,7 @@ def wait_for_quiet(max_wait_s: float, max_busy_cores: float = 0.3) -> float:
 def run_real(engine, specs: list[RequestSpec], *, label: str = "run", progress: bool = True,
              peak_flops_per_s: float | None = None) -> RealRun:
     """Run the workload on ``engine`` in real time; every request finishes (or the run raises)."""
-    from csps.sampling_params import SamplingParams
+    from csps.core.sampling_params import SamplingParams
 
     if any(s.prompt_ids is None for s in specs):
         raise CspsError("a real run needs token ids (make_workload(..., with_ids=True))")
@@ -220,17 +231,6 @@ def check_max_time(specs: list[RequestSpec], config, model: ModelConfig, max_tim
 
 # --- csps bench (real) -------------------------------------------------------------------------------
 
-def preset_model_config(model_flag: str) -> ModelConfig | None:
-    """The architecture of ``dummy:<preset>`` (and of the embedded SmolLM2) without loading weights."""
-    from csps.presets import preset_config
-
-    if model_flag.startswith("dummy:"):
-        return preset_config(model_flag.split(":", 1)[1])
-    if model_flag in ("smollm2", "default"):
-        return preset_config("smollm2-135m")
-    return None
-
-
 def auto_token_budget(num_requests: int, max_prompt_len: int, block_size: int) -> int:
     """Sarathi-Serve's strict-SLO budget (512) when requests share steps; for a lone prompt, bigger
     chunks (prompt/32, at most 8192): nothing waits on it, and fewer steps re-read less KV."""
@@ -269,31 +269,20 @@ def build_engine(kw: dict, specs: list[RequestSpec]):
 
 def warm_up(engine) -> None:
     """One short request first, so one-time costs (allocator, kernel selection) stay out of the numbers."""
-    from csps.sampling_params import SamplingParams
+    from csps.core.sampling_params import SamplingParams
 
     engine.add_request(list(range(3, 67)), SamplingParams(max_tokens=2, ignore_eos=True), request_id="warmup")
     while engine.has_unfinished():
         engine.step()
 
 
-def _workload(a, engine_tokenizer=None, vocab_size=None, with_ids=True) -> list[RequestSpec]:
-    from csps.bench_cli import workload_config
-    from csps.workloads import make_workload
-
-    return make_workload(workload_config(a), with_ids=with_ids, tokenizer=engine_tokenizer, vocab_size=vocab_size)
-
-
-def default_json_path(kind: str) -> str:
-    return time.strftime(f"csps-bench-{kind}-%Y%m%d-%H%M%S.json")
-
-
 def main_real(a) -> int:
-    from csps.bench_report import document, format_table, git_revision, write_json
-    from csps.cli import engine_kwargs
+    from csps.bench.report import document, format_table, git_revision, write_json
+    from csps.cli_args import engine_kwargs
     from csps.llm import make_engine_config
 
     git = git_revision()  # the code that runs: the tree may change during a long run
-    lengths = _workload(a, with_ids=False)
+    lengths = workload_from_args(a, with_ids=False)
     kw = engine_kwargs(a)
     kw["token_budget"] = a.token_budget or auto_token_budget(len(lengths), max(s.prompt_len for s in lengths),
                                                              a.block_size)
@@ -317,7 +306,7 @@ def main_real(a) -> int:
             print(f"[{policy}] predicted {predicted[policy][0]:.1f} s by the cost model "
                   f"({predicted[policy][1]} profile of this machine)")
             vocab = min(model.vocab_size, engine.tokenizer.vocab_size if engine.tokenizer else model.vocab_size)
-            specs = _workload(a, engine.tokenizer, vocab)
+            specs = workload_from_args(a, engine.tokenizer, vocab)
             warm_up(engine)
             if a.wait_quiet:
                 log.info("waited %.0f s for other jobs to leave the CPU", wait_for_quiet(a.wait_quiet))
@@ -329,23 +318,15 @@ def main_real(a) -> int:
             del engine
     summaries = {name: r.summary for name, r in runs.items()}
     print(format_table(summaries, ratio_of=("prefill-first", "stall-free") if a.compare_policies else None))
-    config_doc = {"engine": {**kw, "dtype": config.dtype}, "workload": _workload_dict(a),
+    config_doc = {"engine": {**kw, "dtype": config.dtype}, "workload": workload_dict(a),
                   "max_time_s": a.max_time, "model_config": model}
     path = a.json or default_json_path("real")
     write_json(path, document("csps bench", config_doc, summaries, git=git))
     print(f"results: {path}")
     if a.plot:
-        from csps.plot import plot_timeline
+        from csps.bench.plot import plot_timeline
 
         plot_timeline({n: r.steps for n, r in runs.items()}, a.plot,
                       title=f"{a.model}: {len(lengths)} request(s), token budget {kw['token_budget']}")
         print(f"plot: {a.plot}")
     return 0
-
-
-def _workload_dict(a) -> dict:
-    from dataclasses import asdict
-
-    from csps.bench_cli import workload_config
-
-    return asdict(workload_config(a))

@@ -1,6 +1,6 @@
 """Benchmark results: percentiles, the run summary shared by real and simulated runs, tables, JSON.
 
-Real runs (``csps.bench``) and simulated ones (``csps.simulator``) both reduce to per-request samples
+Real runs (``csps.bench.run``) and simulated ones (``csps.bench.simulator``) both reduce to per-request samples
 (``RequestMetrics``, the single definition of TTFT/TBT/queueing) and per-step samples, and
 ``summarize_run`` turns those into the same fields, so their tables line up:
 
@@ -22,12 +22,13 @@ import math
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from csps.sampling_params import RequestMetrics
+from csps.core.sampling_params import RequestMetrics
 
 STAT_KEYS = ("mean", "p50", "p90", "p99", "max")
 
@@ -224,7 +225,7 @@ def format_table(summaries: dict[str, dict], ratio_of: tuple[str, str] | None = 
 # --- JSON ------------------------------------------------------------------------------------------
 
 def _repo_dir() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # csps/bench/report.py -> the repository
 
 
 def git_revision() -> dict:
@@ -257,7 +258,7 @@ def versions() -> dict:
 def document(kind: str, config: dict, results: dict, git: dict | None = None, **extra) -> dict:
     """A self-describing benchmark record: what ran, on what code and machine, and the numbers.
     ``git``: ``git_revision()`` taken when the run started (default: now)."""
-    from csps.hardware import machine_info
+    from csps.perf.hardware import machine_info
 
     return {
         "kind": kind,
@@ -295,3 +296,7 @@ def jsonable(x):
 
         return jsonable(asdict(x))
     return str(x)
+
+
+def default_json_path(kind: str) -> str:
+    return time.strftime(f"csps-bench-{kind}-%Y%m%d-%H%M%S.json")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csps.bench_report import StepSample
+from csps.bench.report import StepSample
 from csps.errors import CspsError
 
 

@@ -24,10 +24,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from csps import kv_placement as kp
 from csps.config import SchedulerConfig
-from csps.kv_cache import KVCacheManager
-from csps.request import Request, Status
+from csps.core import kv_placement as kp
+from csps.core.kv_cache import KVCacheManager
+from csps.core.request import Request, Status
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 wraps it for offline use. One engine for every layout: this process is rank 0 of a world of
 SP × TP ranks (world size 1 included, where the groups are groups of one and nothing moves). Rank 0
 owns the scheduler, the KV block pools and the requests; each step it sends every rank its own plan
-(``csps.plan``), runs its own share on its ``RankRuntime``, gathers the hidden states of the tokens
+(``csps.core.plan``), runs its own share on its ``RankRuntime``, gathers the hidden states of the tokens
 to sample, and samples. A rank that fails reports its error; rank 0 raises one clear ``CspsError``
 naming it and refuses further steps.
 """
@@ -22,21 +22,21 @@ from typing import Callable
 import torch
 
 from csps.config import EngineConfig
+from csps.core.kv_cache import BlockPool, KVCacheManager
+from csps.core.plan import StepPlan
+from csps.core.plan_builder import PlanBuilder, sample_order
+from csps.core.request import Request, Status
+from csps.core.sampling_params import SamplingParams
+from csps.core.scheduler import Scheduler, SchedulerOutput
 from csps.dtypes import dtype_bytes, torch_dtype
+from csps.engine.exchange import ExchangePolicy
+from csps.engine.outputs import OutputState, RequestOutput
+from csps.engine.rank_runtime import BYTE_KINDS, RankRuntime
+from csps.engine.rank_world import RankWorld, check_layout
+from csps.engine.sampler import SampleRow, sample
+from csps.engine.tokenizer import Tokenizer, load_tokenizer
+from csps.engine.weights import load_model_weights, memory_available_bytes
 from csps.errors import CspsError, RequestError
-from csps.exchange import ExchangePolicy
-from csps.kv_cache import BlockPool, KVCacheManager
-from csps.outputs import OutputState, RequestOutput
-from csps.plan import StepPlan
-from csps.plan_builder import PlanBuilder, sample_order
-from csps.rank_runtime import BYTE_KINDS, RankRuntime
-from csps.rank_world import RankWorld, check_layout
-from csps.request import Request, Status
-from csps.sampler import SampleRow, sample
-from csps.sampling_params import SamplingParams
-from csps.scheduler import Scheduler, SchedulerOutput
-from csps.tokenizer import Tokenizer, load_tokenizer
-from csps.weights import load_model_weights, memory_available_bytes
 
 log = logging.getLogger("csps.engine")
 

@@ -15,9 +15,9 @@ import time
 import torch
 
 from csps.config import ModelConfig
-from csps.cost_model import choose_exchange
-from csps.hardware import HardwareProfile, LinkProfile, load_or_probe
 from csps.parallel.comm import Comm
+from csps.perf.cost_model import choose_exchange
+from csps.perf.hardware import HardwareProfile, LinkProfile, load_or_probe
 
 log = logging.getLogger("csps.exchange")
 
