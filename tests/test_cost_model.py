@@ -11,7 +11,6 @@ import pytest
 from csps.config import ModelConfig
 from csps.errors import CspsError
 from csps.perf.cost_model import (
-    CostModel,
     StepShape,
     choose_exchange,
     exchange_bytes,
@@ -250,8 +249,6 @@ def test_largest_chunk_shrinks_as_cache_grows():
                 over, LLAMA3_8B, H100, 2).total_s
     # the remaining prompt is returned whole when it fits, even off the block grid
     assert largest_chunk_within(0.05, decodes, 0, LLAMA3_8B, H100, 2, max_tokens=300) == 300
-    cm = CostModel(LLAMA3_8B, H100)
-    assert cm.largest_chunk_within(0.05, decodes, 0, max_tokens=1 << 20) == sizes[0]
 
 
 # --- calibration ----------------------------------------------------------------------------------------

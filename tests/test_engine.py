@@ -44,7 +44,7 @@ def test_prefix_cache_hit_same_tokens_fewer_computed(llm):
     a, b = shared + [11, 12, 13], shared + [21, 22]
     first = llm.generate([a], GREEDY, use_tqdm=False)[0]
     second = llm.generate([b], GREEDY, use_tqdm=False)[0]
-    assert first.num_cached_tokens == 0 or first.num_cached_tokens < 300
+    assert first.num_cached_tokens == 0  # nothing before it shared its prompt
     assert second.num_cached_tokens == 288  # 18 full blocks of 16
     nocache = LLM("dummy:tiny", dtype="float32", token_budget=64, num_blocks=256, seed=0,
                   enable_prefix_caching=False)
@@ -84,11 +84,13 @@ def test_stop_strings_and_stop_tokens(llm):
     assert o.finish_reason == "stop" and o.token_ids == full.token_ids[: full.token_ids.index(stop_tok) + 1]
     assert o.stop_reason == stop_tok
     text = full.text
-    stop = text[len(text) // 2 : len(text) // 2 + 3]
-    if stop.strip():
-        s = llm.generate([p], SamplingParams(max_tokens=24, temperature=0, stop=[stop], ignore_eos=True),
-                         use_tqdm=False)[0]
-        assert s.finish_reason == "stop" and stop not in s.text and text.startswith(s.text)
+    # a stop string from the second half of the text, starting at a non-space character
+    start = next(i for i in range(len(text) // 2, len(text) - 3) if text[i].strip())
+    stop = text[start : start + 3]
+    s = llm.generate([p], SamplingParams(max_tokens=24, temperature=0, stop=[stop], ignore_eos=True),
+                     use_tqdm=False)[0]
+    assert s.finish_reason == "stop" and stop not in s.text and text.startswith(s.text)
+    assert len(s.text) <= start
 
 
 def test_streaming_deltas_add_up(llm):

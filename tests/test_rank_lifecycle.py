@@ -98,3 +98,12 @@ def test_a_rank_killed_from_outside_is_reported_by_name():
         with pytest.raises(CspsError, match="rank 1 died with exit code -9"):
             llm.generate(PROMPT, SamplingParams(max_tokens=2))
         assert time.time() - t0 < 30
+
+
+def test_every_layout_runs_the_same_engine_class():
+    with LLM("dummy:tiny", dtype="float32") as one, LLM("dummy:tiny", dtype="float32", sp=1) as same:
+        assert type(one.engine) is type(same.engine)
+        assert one.engine.rank_group is None and one.engine.rt.groups.world.size == 1
+        single = type(one.engine)
+    with LLM("dummy:tiny", sp=2, dtype="float32") as two:
+        assert type(two.engine) is single and two.engine.rt.groups.world.size == 2

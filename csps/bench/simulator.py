@@ -97,15 +97,6 @@ def kv_tokens_per_rank(model: ModelConfig, hw: HardwareProfile, tp: int, dtype_b
     return int(free // per_token)
 
 
-class _LengthOnlyRequest(Request):
-    """A request whose token ids are never read: the simulated pools do no prefix caching, so the
-    scheduler's per-step ``all_token_ids`` (a copy of the whole prompt, 256k ids) is not needed."""
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return []
-
-
 @dataclass
 class SimRun:
     strategy: Strategy
@@ -167,7 +158,7 @@ def simulate(specs: list[RequestSpec], strategy: Strategy, model: ModelConfig, h
         while nxt < len(pending) or sched.num_unfinished:
             while nxt < len(pending) and pending[nxt].arrival_s <= clock:
                 spec = pending[nxt]
-                req = _LengthOnlyRequest(str(nxt), [FAKE_TOKEN_ID] * spec.prompt_len,
+                req = Request(str(nxt), [FAKE_TOKEN_ID] * spec.prompt_len,
                                          SamplingParams(max_tokens=spec.output_len, ignore_eos=True), spec.arrival_s)
                 sched.add(req)
                 reqs.append((req, spec))

@@ -72,7 +72,3 @@ class Request:
     def token_at(self, pos: int) -> int:
         p = len(self.prompt_token_ids)
         return self.prompt_token_ids[pos] if pos < p else self.output_token_ids[pos - p]
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids

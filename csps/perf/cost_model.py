@@ -400,21 +400,3 @@ def fit(samples, hw: HardwareProfile, model: ModelConfig, dtype_bytes: int, para
     profile = _theta_to_profile(hw, [n for n, u in zip(names, used) if u], theta[used])
     pred = np.array([predict_step(s, model, profile, dtype_bytes).total_s for s, _ in samples])
     return FitResult(profile=profile, rel_errors=tuple(float(x) for x in (pred - y) / y), iterations=iterations)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """The functions above bound to one deployment, for the scheduler and the simulator."""
-
-    model: ModelConfig
-    hw: HardwareProfile
-    dtype_bytes: int = 2
-
-    def predict(self, shape: StepShape) -> StepCost:
-        return predict_step(shape, self.model, self.hw, self.dtype_bytes)
-
-    def choose_exchange(self, num_new: int, num_cached: int, sp: int, tp: int = 1) -> str:
-        return choose_exchange(num_new, num_cached, sp, self.model, self.hw, self.dtype_bytes, tp)
-
-    def largest_chunk_within(self, time_budget_s: float, decodes, num_cached: int, **kw) -> int:
-        return largest_chunk_within(time_budget_s, decodes, num_cached, self.model, self.hw, self.dtype_bytes, **kw)
