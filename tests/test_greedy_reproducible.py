@@ -6,17 +6,15 @@ import os
 
 import pytest
 import torch
+import sp_harness
 from greedy import first_real_divergence
 
-from csps.core.sampling_params import SamplingParams
 from csps.engine.weights import load_model_weights
-from csps.llm import create_engine, make_engine_config
 
 pytestmark = pytest.mark.slow
 
 BOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                     "shared", "data", "books", "pride_and_prejudice.txt")
-GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 NUM_PROMPTS = 32
 
 
@@ -33,24 +31,13 @@ def setup(smollm2_tokenizer):
     return load_model_weights("smollm2", torch.float32), prompts
 
 
+KW = dict(token_budget=256, num_blocks=600, max_model_len=1024)
+
+
 def run(weights, waves, **kw):
-    """waves: lists of (req_id, ids) run together; returns tokens, logits and cached counts by id."""
-    cfg = make_engine_config(model="smollm2", dtype="float32", token_budget=256, num_blocks=600,
-                             max_model_len=1024, **kw)
-    engine = create_engine(cfg, max_model_len=1024, weights=weights, load_tokenizer_=False)
-    engine.logits_sink = {}
-    tokens, cached = {}, {}
-    try:
-        for wave in waves:
-            for rid, ids in wave:
-                engine.add_request(ids, GREEDY, request_id=rid)
-            while engine.has_unfinished():
-                for o in engine.step():
-                    if o.finished:
-                        tokens[o.request_id], cached[o.request_id] = o.token_ids, o.num_cached_tokens
-    finally:
-        engine.shutdown()
-    return tokens, {k: torch.stack(v) for k, v in engine.logits_sink.items()}, cached
+    """waves: lists of (req_id, ids) run together; tokens, logits and cached counts by request id."""
+    r = sp_harness.run(weights, waves, **KW, **kw)
+    return r.tokens, r.logits, r.cached
 
 
 @pytest.fixture(scope="module")
