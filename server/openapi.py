@@ -26,6 +26,8 @@ ERROR_SCHEMA = {
         "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
         "code": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}},
 }
+# with "stream": true: server-sent events, each 'data:' a JSON chunk (or an error object), the last '[DONE]'
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}}
 ERROR_DESCRIPTIONS = {
     "400": "Invalid request (OpenAI's error shape)", "401": "Missing or wrong API key",
     "404": "No such model", "413": "Request body too large", "429": "Engine queue full (see Retry-After)",
@@ -67,7 +69,7 @@ def build_schema(app: FastAPI, models: list[type[BaseModel]], *, api_key: bool, 
                 statuses = ["400", "429"] + statuses
             ok = op.setdefault("responses", {}).setdefault("200", {"description": "Successful Response"})
             if op.pop("x-csps-streams", False):
-                ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": SSE_EVENT}
             op["responses"].pop("422", None)  # validation errors are 400s here
             if api_key and path not in open_paths:
                 op["security"] = [{"bearer": []}]
@@ -97,6 +99,10 @@ def apply_limits(schemas: dict, limits: dict) -> None:
         for key in ("max_tokens", "max_completion_tokens", "chunk_max_tokens"):
             if key in props:
                 _set_in_any_of(props[key], "integer", maximum=room)
+        if name == "SummarizeRequest" and limits.get("summary_max_tokens"):
+            top = limits["summary_max_tokens"]
+            props["max_tokens"].update(maximum=top, description="the summary's length; with the default instructions at most "
+                                                   f"{top} tokens (longer instructions leave less room)")
         if name == "CompletionRequest" and not limits.get("has_fim"):
             props["suffix"] = {"type": "null", "default": None,
                                "description": "fill-in-the-middle: this model's tokenizer has no FIM tokens"}
