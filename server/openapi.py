@@ -96,9 +96,11 @@ def apply_limits(schemas: dict, limits: dict) -> None:
         props = s.get("properties", {})
         if "model" in props:
             props["model"] = {**model_prop, "default": None}
-        for key in ("max_tokens", "max_completion_tokens", "chunk_max_tokens"):
-            if key in props:
+        for key in ("max_tokens", "max_completion_tokens"):  # (summarize's chunk_max_tokens is capped, not refused)
+            if key in props and name != "SummarizeRequest":
                 _set_in_any_of(props[key], "integer", maximum=room)
+                props[key]["description"] = (f"at most {room}; the prompt's tokens plus max_tokens must fit the "
+                                             f"context of {limits['max_model_len']} tokens (else 400)")
         if name == "SummarizeRequest" and limits.get("summary_max_tokens"):
             top = limits["summary_max_tokens"]
             props["max_tokens"].update(maximum=top, description="the summary's length; with the default instructions at most "
