@@ -115,16 +115,16 @@ class Summarizer:
         r = self.req
         (doc_tokens,) = await self.count([document])
         final_overhead = await self.overhead(self.final)
-        if final_overhead + MARGIN_TOKENS + r.max_tokens >= self.limit:  # no map-reduce can make room
-            raise bad_request(f"max_tokens ({r.max_tokens}) and the instructions ({final_overhead} tokens) leave no "
-                              f"room for the document in the model's context of {self.limit} tokens",
-                              param="max_tokens")
         fits = doc_tokens + final_overhead + MARGIN_TOKENS + r.max_tokens <= self.limit
         strategy = "single_pass" if (r.strategy == "single_pass" or (r.strategy == "auto" and fits)) else "map_reduce"
         if strategy == "single_pass" and not fits:
             raise bad_request(f"the document has {doc_tokens} tokens; with the instructions ({final_overhead} tokens) "
                               f"and max_tokens ({r.max_tokens}) it exceeds the model's context of {self.limit} "
                               "tokens; use strategy 'map_reduce' or 'auto'", param="strategy")
+        if final_overhead + MARGIN_TOKENS + r.max_tokens >= self.limit:  # no map-reduce can make room
+            raise bad_request(f"max_tokens ({r.max_tokens}) and the instructions ({final_overhead} tokens) leave no "
+                              f"room for the document in the model's context of {self.limit} tokens",
+                              param="max_tokens")
         self.on_event({"object": "summary.plan", "strategy": strategy, "document_tokens": doc_tokens,
                        "max_model_len": self.limit})
         levels: list[dict] = []

@@ -184,3 +184,12 @@ def test_validation_matches_the_schema(http, path, body, status):
 def test_405_lists_the_allowed_methods(http):
     r = http.put("/v1/completions", json={})
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+
+
+def test_summarize_max_tokens_that_leaves_no_room_is_refused_at_once(server, http):
+    top = httpx.get(server.url + "/openapi.json", timeout=10).json()[
+        "components"]["schemas"]["SummarizeRequest"]["properties"]["max_tokens"]["maximum"]
+    assert 1 <= top < 512 - 8  # the default instructions and the margin take their share of the context
+    r = http.post("/v1/summarize", json={"text": "word " * 50, "max_tokens": top + 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # not map-reduce, then a 500
+    assert "leave no room" in r.json()["error"]["message"]
