@@ -8,6 +8,13 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
 from csps.server import openai_api, openapi, summarize_api
 from csps.server.config import ServerConfig
 from csps.server.engine_client import READY, EngineClient
@@ -17,20 +24,10 @@ from csps.server.metrics import ServerMetrics
 from csps.server.metrics_vllm import VllmMetrics
 from csps.server.middleware import OPEN_PATHS, GuardMiddleware
 from csps.server.openai_api import check_model
-from csps.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    SummarizeRequest,
-    TokenizeRequest,
-)
+from csps.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SummarizeRequest,
+                                  TokenizeRequest)
 from csps.server.request_id import RequestIdMiddleware
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
+from csps.server.summarize import max_summary_tokens
 
 log = logging.getLogger("csps.server")
 
@@ -54,9 +51,17 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
     client.on_output = metrics.observe_outputs
     client.on_abort = lambda n: metrics.aborted.labels(cfg.model_name).inc(n)
 
+    schema_limits: dict = {}  # what the OpenAPI schema needs from the running engine
+
     async def watch_startup() -> None:
         await client.ready_event.wait()
         if client.state == READY:
+            try:
+                summary_max = await max_summary_tokens(client, client.info["max_model_len"])
+            except APIError:
+                summary_max = None
+            # the engine's info names the model too; the schema needs the name clients use
+            schema_limits.update({**client.info, "model_name": cfg.model_name, "summary_max_tokens": summary_max})
             if run_state.on_ready is not None:
                 run_state.on_ready(client.info)
         else:
@@ -94,9 +99,7 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
     app.add_middleware(RequestIdMiddleware)
 
     def engine_limits() -> dict | None:
-        if client.state != READY:
-            return None
-        return {"model_name": cfg.model_name, **client.info}
+        return schema_limits if client.state == READY and schema_limits else None
 
     openapi.install(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
                           SummarizeRequest], api_key=cfg.api_key is not None, open_paths=OPEN_PATHS,
@@ -116,7 +119,8 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
         messages = {404: f"no such endpoint: {request.method} {request.url.path}",
                     405: f"method {request.method} is not allowed on {request.url.path}"}
         msg = messages.get(exc.status_code, str(exc.detail))
-        return await on_api_error(request, APIError(exc.status_code, msg))
+        # keep Starlette's headers (a 405's Allow lists the methods the path takes)
+        return await on_api_error(request, APIError(exc.status_code, msg, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
@@ -151,7 +155,7 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
             pass  # a long step: fall back to the last heartbeat's numbers
         return client.last_stats
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics():
         metrics.set_stats(await fresh_stats(), client.state == READY)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

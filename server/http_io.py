@@ -33,7 +33,7 @@ async def parse_json(request: Request, model: type[M]) -> M:
         raise bad_request("the request body is empty: send a JSON object", code="invalid_json")
     text = decode_utf8(raw)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_float=json_number)
     except json.JSONDecodeError as e:
         raise bad_request(f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}",
                           code="invalid_json") from None
@@ -42,9 +42,18 @@ async def parse_json(request: Request, model: type[M]) -> M:
     return validate(model, obj)
 
 
-def validate(model: type[M], obj: dict) -> M:
+def json_number(literal: str) -> int | float:
+    """A JSON number with a fraction or exponent: integral values (5.0, 1e3) as ints, since JSON Schema's
+    'integer' (and so the OpenAPI schema) counts them as integers; float fields take ints as well."""
+    value = float(literal)
+    return int(value) if value.is_integer() else value
+
+
+def validate(model: type[M], obj: dict, strict: bool = True) -> M:
+    """Strict for JSON (no '5' for 5, no 0 for false: what the OpenAPI schema says); form fields are
+    strings, so multipart bodies are validated with pydantic's conversions (strict=False)."""
     try:
-        return model.model_validate(obj)
+        return model.model_validate(obj, strict=strict)
     except ValidationError as e:
         raise describe_validation_error(e) from None
 

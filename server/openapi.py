@@ -26,6 +26,8 @@ ERROR_SCHEMA = {
         "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
         "code": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}},
 }
+# with "stream": true: server-sent events, each 'data:' a JSON chunk (or an error object), the last '[DONE]'
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}}
 ERROR_DESCRIPTIONS = {
     "400": "Invalid request (OpenAI's error shape)", "401": "Missing or wrong API key",
     "404": "No such model", "413": "Request body too large", "429": "Engine queue full (see Retry-After)",
@@ -67,7 +69,7 @@ def build_schema(app: FastAPI, models: list[type[BaseModel]], *, api_key: bool, 
                 statuses = ["400", "429"] + statuses
             ok = op.setdefault("responses", {}).setdefault("200", {"description": "Successful Response"})
             if op.pop("x-csps-streams", False):
-                ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": SSE_EVENT}
             op["responses"].pop("422", None)  # validation errors are 400s here
             if api_key and path not in open_paths:
                 op["security"] = [{"bearer": []}]
@@ -94,9 +96,15 @@ def apply_limits(schemas: dict, limits: dict) -> None:
         props = s.get("properties", {})
         if "model" in props:
             props["model"] = {**model_prop, "default": None}
-        for key in ("max_tokens", "max_completion_tokens", "chunk_max_tokens"):
-            if key in props:
+        for key in ("max_tokens", "max_completion_tokens"):  # (summarize's chunk_max_tokens is capped, not refused)
+            if key in props and name != "SummarizeRequest":
                 _set_in_any_of(props[key], "integer", maximum=room)
+                props[key]["description"] = (f"at most {room}; the prompt's tokens plus max_tokens must fit the "
+                                             f"context of {limits['max_model_len']} tokens (else 400)")
+        if name == "SummarizeRequest" and limits.get("summary_max_tokens"):
+            top = limits["summary_max_tokens"]
+            props["max_tokens"].update(maximum=top, description="the summary's length; with the default instructions at most "
+                                                   f"{top} tokens (longer instructions leave less room)")
         if name == "CompletionRequest" and not limits.get("has_fim"):
             props["suffix"] = {"type": "null", "default": None,
                                "description": "fill-in-the-middle: this model's tokenizer has no FIM tokens"}

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Literal, Union
 
-from csps.server.errors import bad_request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from csps.core.sampling_params import SamplingParams
 from csps.errors import RequestError
+from csps.core.sampling_params import SamplingParams
+from csps.server import schema_rules
+from csps.server.errors import bad_request
 
 MAX_N = 64
 
@@ -88,6 +89,8 @@ PromptType = Union[str, list[str], list[int], list[list[int]]]
 
 
 class CompletionRequest(SamplingRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=schema_rules.completion)
+
     prompt: PromptType
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -99,7 +102,7 @@ class CompletionRequest(SamplingRequest):
     def _check(self):
         if self.echo:
             raise ValueError("echo is not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
+        if self.best_of is not None and self.best_of != 1:
             raise ValueError("best_of is not supported by this server (use n)")
         return self
 
@@ -145,6 +148,8 @@ class ChatMessage(Strict):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=schema_rules.chat)
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -176,9 +181,11 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=schema_rules.tokenize)
+
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True  # accepted for vLLM clients
     return_token_strs: bool = False
 
@@ -195,6 +202,8 @@ class DetokenizeRequest(Strict):
 
 
 class SummarizeRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=schema_rules.summarize)
+
     model: str | None = None
     text: str = ""
     instructions: str | None = None  # for the final summary (comes after the document)

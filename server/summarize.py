@@ -44,6 +44,12 @@ def split_evenly(text: str, k: int) -> list[str]:
     return [p.strip() for p in out if p.strip()]
 
 
+async def max_summary_tokens(client, limit: int) -> int:
+    """The largest max_tokens a request with the default instructions may ask for (see Summarizer.run)."""
+    overhead = (await client.rpc("count", messages_list=[messages("", INSTRUCTIONS)]))["counts"][0]
+    return max(1, limit - overhead - MARGIN_TOKENS - 1)
+
+
 def messages(body: str, instruction: str) -> list[dict]:
     return [{"role": "user", "content": f"{body}\n\n{instruction}"}]
 
@@ -115,6 +121,10 @@ class Summarizer:
             raise bad_request(f"the document has {doc_tokens} tokens; with the instructions ({final_overhead} tokens) "
                               f"and max_tokens ({r.max_tokens}) it exceeds the model's context of {self.limit} "
                               "tokens; use strategy 'map_reduce' or 'auto'", param="strategy")
+        if final_overhead + MARGIN_TOKENS + r.max_tokens >= self.limit:  # no map-reduce can make room
+            raise bad_request(f"max_tokens ({r.max_tokens}) and the instructions ({final_overhead} tokens) leave no "
+                              f"room for the document in the model's context of {self.limit} tokens",
+                              param="max_tokens")
         self.on_event({"object": "summary.plan", "strategy": strategy, "document_tokens": doc_tokens,
                        "max_model_len": self.limit})
         levels: list[dict] = []

@@ -25,6 +25,7 @@ from csps.server.http_io import (
 from csps.server.openai_api import check_model
 from csps.server.openapi import body
 from csps.server.protocol import SummarizeRequest
+from csps.server.schema_rules import NOT_BLANK, is_blank
 from csps.server.summarize import Summarizer
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -32,9 +33,11 @@ from starlette.datastructures import UploadFile
 
 router = APIRouter()
 
-# the multipart form: the document as the file 'file', the other fields of SummarizeRequest as form fields
-UPLOAD_SCHEMA = {"type": "object", "required": ["file"], "properties": {
-    "file": {"type": "string", "format": "binary", "description": "the document (UTF-8 text)"}}}
+# the multipart form: the document as 'file' (an uploaded file or a text field: `curl -F file=@doc.txt` or
+# `-F "file=<doc.txt"`); the other fields of SummarizeRequest may follow as form fields
+UPLOAD_SCHEMA = {"type": "object", "required": ["file"], "additionalProperties": False, "properties": {
+    "file": {"type": "string", "contentMediaType": "text/plain", "pattern": NOT_BLANK,
+             "description": "the document (UTF-8 text)"}}}
 
 
 async def read_summarize_request(request: Request) -> SummarizeRequest:
@@ -53,11 +56,13 @@ async def read_summarize_request(request: Request) -> SummarizeRequest:
             if key != "file":
                 raise bad_request(f"unexpected file field '{key}' (send the document as 'file')", param=key)
             fields["text"] = decode_utf8(await value.read(), what="uploaded file")
+        elif key == "file":
+            fields["text"] = value
         else:
             fields[key] = value
     if "file" not in form and "text" not in fields:
         raise bad_request("no document: upload it as the 'file' field", param="file", code="missing_required_parameter")
-    return validate(SummarizeRequest, fields)
+    return validate(SummarizeRequest, fields, strict=False)
 
 
 @router.post("/v1/summarize", openapi_extra=body(SummarizeRequest, multipart=UPLOAD_SCHEMA, streams=True))
@@ -66,7 +71,7 @@ async def summarize(request: Request):
     state = request.app.state
     check_model(request, req.model)
     state.client.check_available()
-    if not req.text.strip():
+    if is_blank(req.text):
         raise bad_request("the document is empty", param="text", code="empty_prompt")
     sid = f"sum-{uuid.uuid4().hex[:16]}"
     events: asyncio.Queue = asyncio.Queue()

@@ -15,14 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 KEY = "ops-key"
 ORIGIN = "https://app.example"
-MODEL = "dummy:tiny"
+MODEL = "ops-model"  # the served name, not the engine's (dummy:tiny)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = tmp_path_factory.mktemp("cfg") / "serve.yaml"
     cfg.write_text(f"""# everything but the port (ServerProcess passes --port 0) comes from here
-model: {MODEL}
+model: dummy:tiny
+served-model-name: {MODEL}
 max_model_len: 512
 host: 127.0.0.1
 api-key: {KEY}
@@ -160,3 +161,34 @@ def test_bench_serve_with_api_key_saves_vllm_result_keys(server, tmp_path, monke
     assert KEY not in (tmp_path / "csps.json").read_text()  # the key is not written into results
     # without the key the server refuses, and the first request says so
     assert main(base) == 2
+
+
+@pytest.mark.parametrize("path,body,status", [
+    # what the schema says, the validators do: integral JSON numbers are integers ...
+    ("/v1/completions", {"prompt": [1, 2.0], "max_tokens": 2.0, "seed": 1e1}, 200),
+    # ... no coercion from strings or numbers to booleans, none of the unsupported values
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "2"}, 400),
+    ("/v1/completions", {"prompt": "hi", "echo": 0}, 400),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2, "n": 2}, 400),
+    ("/v1/completions", {"prompt": "hi", "best_of": 1, "max_tokens": 1}, 200),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": 0}, 400),
+    ("/tokenize", {"messages": []}, 400),  # was a 500 from the chat template
+    ("/tokenize", {"prompt": "hi", "messages": None}, 200),
+])
+def test_validation_matches_the_schema(http, path, body, status):
+    r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+
+
+def test_405_lists_the_allowed_methods(http):
+    r = http.put("/v1/completions", json={})
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+
+
+def test_summarize_max_tokens_that_leaves_no_room_is_refused_at_once(server, http):
+    top = httpx.get(server.url + "/openapi.json", timeout=10).json()[
+        "components"]["schemas"]["SummarizeRequest"]["properties"]["max_tokens"]["maximum"]
+    assert 1 <= top < 512 - 8  # the default instructions and the margin take their share of the context
+    r = http.post("/v1/summarize", json={"text": "word " * 50, "max_tokens": top + 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # not map-reduce, then a 500
+    assert "leave no room" in r.json()["error"]["message"]
