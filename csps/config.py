@@ -15,6 +15,15 @@ def _check(cond: bool, msg: str) -> None:
         raise CspsError(msg)
 
 
+def check_token_budget(token_budget: int, block_size: int) -> None:
+    """Chunks are whole KV blocks: the per-rank token budget is a positive multiple of the block size
+    (the block size itself is ``CacheConfig.block_size``, its one home)."""
+    _check(token_budget >= block_size,
+           f"token budget ({token_budget}) must be at least the block size ({block_size})")
+    _check(token_budget % block_size == 0,
+           f"token budget ({token_budget}) must be a multiple of the block size ({block_size})")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2)."""
@@ -89,15 +98,11 @@ class SchedulerConfig:
     max_model_len: int = 8192
     max_waiting: int = 1024  # the server answers 429 beyond this
     policy: str = "stall-free"  # stall-free | prefill-first
-    block_size: int = 16
 
     def __post_init__(self) -> None:
         _check(self.policy in ("stall-free", "prefill-first"),
                f"unknown schedule policy {self.policy!r} (stall-free | prefill-first)")
-        _check(self.token_budget >= self.block_size,
-               f"token budget ({self.token_budget}) must be at least the block size ({self.block_size})")
-        _check(self.token_budget % self.block_size == 0,
-               f"token budget ({self.token_budget}) must be a multiple of the block size ({self.block_size})")
+        _check(self.token_budget > 0, f"token budget must be positive, got {self.token_budget}")
         _check(self.max_num_seqs > 0, "max_num_seqs must be positive")
         _check(self.max_model_len > 0, "max_model_len must be positive")
 
@@ -140,8 +145,7 @@ class EngineConfig:
             from csps.device import resolve_dtype
 
             object.__setattr__(self, "dtype", resolve_dtype("auto"))
-        _check(self.cache.block_size == self.scheduler.block_size,
-               "cache and scheduler block sizes differ")
+        check_token_budget(self.scheduler.token_budget, self.cache.block_size)
 
     def with_(self, **kw) -> EngineConfig:
         return replace(self, **kw)

@@ -10,4 +10,9 @@ class ModelLoadError(CspsError):
 
 
 class RequestError(CspsError):
-    """A request that cannot be served as asked (too long, bad parameter)."""
+    """A request that cannot be served as asked (too long, bad parameter); ``param`` names the request
+    field at fault, when there is one (the server reports it as the error's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

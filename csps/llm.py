@@ -37,7 +37,7 @@ def make_engine_config(
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(token_budget=token_budget, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len or 1, policy=schedule_policy,
-                                  block_size=block_size, max_waiting=max_waiting),
+                                  max_waiting=max_waiting),
         parallel=ParallelConfig(sp=sp, tp=tp, sp_attn=sp_attn, sp_exchange=sp_exchange,
                                 sp_threshold_tokens=sp_threshold_tokens),
     )

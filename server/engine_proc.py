@@ -26,14 +26,6 @@ from csps.errors import CspsError, RequestError
 log = logging.getLogger("csps.server.engine")
 
 
-class ParamError(RequestError):
-    """A RequestError about one request field (reported as the error's ``param``)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's byte-to-unicode table (byte-level BPE token text -> raw bytes)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -119,16 +111,14 @@ class EngineServer:
 
     def check_length(self, ids: list[int], max_tokens: int | None) -> int:
         """The max_tokens to use; RequestError with the numbers when the context is too small."""
-        n, limit = len(ids), self.engine.max_model_len
-        if n == 0:
-            raise ParamError("the prompt is empty", "prompt")
+        n, limit = len(ids), self.engine.max_model_len  # an empty prompt: Engine.validate_prompt says so
         if max_tokens is None:  # chat default: whatever room is left
             if n >= limit:
-                raise ParamError(f"the prompt has {n} tokens but this model's maximum context length is "
+                raise RequestError(f"the prompt has {n} tokens but this model's maximum context length is "
                                  f"{limit} tokens: no room is left to generate", "messages")
             return limit - n
         if n + max_tokens > limit:
-            raise ParamError(f"this model's maximum context length is {limit} tokens, but {n + max_tokens} "
+            raise RequestError(f"this model's maximum context length is {limit} tokens, but {n + max_tokens} "
                              f"were requested ({n} in the prompt, {max_tokens} for the completion); "
                              "shorten the prompt or lower max_tokens", "max_tokens")
         return max_tokens

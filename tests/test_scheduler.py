@@ -16,8 +16,7 @@ BS = 16
 
 def make(budget=64, num_blocks=64, max_num_seqs=32, policy="stall-free", prefix=True):
     kv = KVCacheManager(BlockPool(num_blocks, BS, enable_prefix_caching=prefix))
-    cfg = SchedulerConfig(token_budget=budget, max_num_seqs=max_num_seqs, max_model_len=4096,
-                          policy=policy, block_size=BS)
+    cfg = SchedulerConfig(token_budget=budget, max_num_seqs=max_num_seqs, max_model_len=4096, policy=policy)
     return Scheduler(cfg, kv)
 
 
@@ -171,17 +170,25 @@ def test_prefill_first_policy_stalls_decodes():
     assert sorted(c.req_id for c in out.chunks) == ["r0", "r1"]
 
 
-@pytest.mark.parametrize("bad", [dict(token_budget=50), dict(token_budget=0), dict(policy="x")])
+@pytest.mark.parametrize("bad", [dict(token_budget=0), dict(policy="x")])
 def test_config_validation(bad):
     from csps.errors import CspsError
 
     with pytest.raises(CspsError):
-        SchedulerConfig(**{**dict(block_size=16), **bad})
+        SchedulerConfig(**bad)
+
+
+@pytest.mark.parametrize("budget", [50, 8])
+def test_token_budget_must_be_whole_blocks(budget):
+    from csps.errors import CspsError
+
+    with pytest.raises(CspsError, match="block size"):
+        make(budget=budget)
 
 
 def make_sp(sp=2, budget=64, num_blocks=200, threshold=100):
     kvs = [KVCacheManager(BlockPool(num_blocks, BS)) for _ in range(sp)]
-    cfg = SchedulerConfig(token_budget=budget, max_num_seqs=32, max_model_len=8192, block_size=BS)
+    cfg = SchedulerConfig(token_budget=budget, max_num_seqs=32, max_model_len=8192)
     return Scheduler(cfg, kvs, sp_threshold_tokens=threshold)
 
 

@@ -60,7 +60,7 @@ COMPLETION_CASES = [
     ({"prompt": []}, "the prompt is empty", "prompt"),
     ({"prompt": ["ok", ""]}, "the prompt is empty", "prompt"),
     ({"max_tokens": 3}, "'prompt' is required", "prompt"),
-    ({"prompt": [1, 2, 10**9]}, "outside the vocabulary", None),
+    ({"prompt": [1, 2, 10**9]}, "outside the vocabulary", "prompt"),
     ({"prompt": "hi", "suffix": "there"}, "fill-in-the-middle", "suffix"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "only allowed when stream is true", None),
 ]

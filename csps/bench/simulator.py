@@ -133,7 +133,7 @@ def _scheduler(specs: list[RequestSpec], strategy: Strategy, model: ModelConfig,
            for _ in range(strategy.sp)]
     budget = max(block_size, strategy.token_budget - strategy.token_budget % block_size)
     cfg = SchedulerConfig(token_budget=budget, max_num_seqs=max_num_seqs, max_model_len=max_len,
-                          policy=strategy.policy, block_size=block_size)
+                          policy=strategy.policy)
     return Scheduler(cfg, kvs, sp_threshold_tokens=strategy.sp_threshold_tokens if strategy.sp > 1 else None)
 
 

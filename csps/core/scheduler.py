@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from csps.config import SchedulerConfig
+from csps.config import SchedulerConfig, check_token_budget
 from csps.core import kv_placement as kp
 from csps.core.kv_cache import KVCacheManager
 from csps.core.request import Request, Status
@@ -74,6 +74,7 @@ class Scheduler:
         self.num_ranks = len(self.kvs)
         self.sp_threshold = sp_threshold_tokens
         self.block_size = self.kv.block_size
+        check_token_budget(cfg.token_budget, self.block_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}

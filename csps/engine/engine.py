@@ -163,15 +163,15 @@ class Engine:
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_ids)
         if n == 0:
-            raise RequestError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         if n >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {n} tokens but the model's context is {self.max_model_len} tokens "
-                "(it must leave room for at least one generated token)")
+                "(it must leave room for at least one generated token)", "prompt")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
         need = min(n + params.max_tokens, self.max_model_len)
         if need > self.total_kv_capacity_tokens:
             raise RequestError(
