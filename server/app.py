@@ -56,14 +56,14 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
     async def watch_startup() -> None:
         await client.ready_event.wait()
         if client.state == READY:
+            if run_state.on_ready is not None:  # the ready line first: /health already says 200
+                run_state.on_ready(client.info)
             try:
                 summary_max = await max_summary_tokens(client, client.info["max_model_len"])
             except APIError:
                 summary_max = None
             # the engine's info names the model too; the schema needs the name clients use
             schema_limits.update({**client.info, "model_name": cfg.model_name, "summary_max_tokens": summary_max})
-            if run_state.on_ready is not None:
-                run_state.on_ready(client.info)
         else:
             run_state.startup_error = client.reason
             if run_state.on_fatal is not None:

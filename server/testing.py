@@ -21,6 +21,9 @@ import httpx
 LISTEN_RE = re.compile(r"csps API listening on (http://\S+?);")
 
 
+READY_LINE = "csps serving "  # the line ``csps serve`` logs once its engine is up (server/run.py)
+
+
 class ServerProcess:
     def __init__(self, args: list[str], wait_ready: bool = True, timeout_s: float = 300.0,
                  env: dict[str, str] | None = None) -> None:
@@ -64,7 +67,7 @@ class ServerProcess:
                 raise RuntimeError(f"csps serve exited with code {self.proc.returncode}:\n{self.log}")
             try:
                 r = httpx.get(self.url + "/health", timeout=5.0)
-                if r.status_code == 200:
+                if r.status_code == 200 and READY_LINE in self.log:  # ready, and said so in its log
                     return
                 if r.json().get("status") == "dead":
                     raise RuntimeError(f"the engine died while starting:\n{self.log}")
