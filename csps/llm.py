@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from csps.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
@@ -52,6 +51,7 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     from csps.engine.engine import Engine
     from csps.engine.rank_world import (
         check_layout,
+        is_torchrun_worker,
         refuse_if_ranks_running,
         under_torchrun,
     )
@@ -64,7 +64,7 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     model_cfg = weights[0]
     limit = max_model_len or model_cfg.max_position_embeddings
     config = replace(config, scheduler=replace(config.scheduler, max_model_len=limit))
-    if config.parallel.world_size > 1 and under_torchrun() and int(os.environ["RANK"]) != 0:
+    if config.parallel.world_size > 1 and is_torchrun_worker():
         from csps.engine.engine import kv_pool_blocks
         from csps.engine.rank_runtime import torchrun_worker_main
 

@@ -70,10 +70,6 @@ class SPSeqWork:
         ranges = kp.ranges_per_rank(self.start, self.end, sp, granule)
         return [RankShare(ranges[r], kp.count_before(self.start, r, sp, granule)) for r in range(sp)]
 
-    def owner_rank(self, sp: int, granule: int) -> int:
-        """The rank holding the chunk's last position: it samples the next token."""
-        return kp.rank_of(self.end - 1, sp, granule)
-
 
 @dataclass(frozen=True)
 class RankShare:

@@ -151,10 +151,6 @@ def agree_num_blocks(num_blocks: int) -> int:
     return int(t[0])
 
 
-def is_torchrun_worker() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0
-
-
 def torchrun_worker_main(config, weights, num_blocks: int) -> None:
     """A non-zero rank launched by torchrun: join the rendezvous, serve plans, exit the process."""
     from csps.parallel.groups import init_distributed

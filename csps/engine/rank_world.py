@@ -23,6 +23,11 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def is_torchrun_worker() -> bool:
+    """Ranks 1..W-1 under torchrun: they serve rank 0's plans instead of building an engine."""
+    return under_torchrun() and int(os.environ["RANK"]) != 0
+
+
 def check_layout(config, model_cfg) -> None:
     """Refuse impossible layouts before any rank starts."""
     p = config.parallel
