@@ -7,6 +7,9 @@ STAMP := $(VENV)/.csps-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# The repository's folder kernels/ (installed as csps.kernels) has the name of the PyPI package 'kernels' that
+# transformers imports; with the current directory first on sys.path (python -m from here) it would shadow it.
+export PYTHONSAFEPATH := 1
 
 .PHONY: install test test-fast serve bench clean
 

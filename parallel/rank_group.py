@@ -98,7 +98,9 @@ class RankGroup:
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port),
                    WORLD_SIZE=str(world_size), OMP_NUM_THREADS=str(num_threads),
                    # the caller's import path, so every module the task names resolves in the child
-                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+                   # never the working directory first: a folder there must not shadow an installed package
+                   PYTHONSAFEPATH="1")
         try:
             for r in range(1, world_size):
                 head = dict(rank=r, world_size=world_size, parent_pid=os.getpid(), num_threads=num_threads,

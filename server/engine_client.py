@@ -97,8 +97,10 @@ class EngineClient:
         spec = {"engine_kwargs": self.cfg.engine_kwargs, "to_engine": to_engine, "from_engine": from_engine,
                 "max_waiting": self.cfg.max_waiting, "parent_pid": os.getpid(), "log_level": self.cfg.log_level,
                 "log_format": self.cfg.log_format}
+        # PYTHONSAFEPATH: the working directory must not shadow installed packages (a repository checkout's
+        # kernels/ folder would shadow the 'kernels' package transformers imports)
         self.proc = subprocess.Popen([sys.executable, "-m", "csps.server.engine_proc", json.dumps(spec)],
-                                     start_new_session=True)
+                                     start_new_session=True, env=dict(os.environ, PYTHONSAFEPATH="1"))
         log.info("engine process %d starting (model %s)", self.proc.pid, self.cfg.engine_kwargs["model"])
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._watchdog())]
 
