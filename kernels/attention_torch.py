@@ -13,8 +13,9 @@ are split by position into
   * anything else (sliding windows, unsorted keys): an additive 0/-inf mask, in blocks;
 and the parts are merged exactly by LSE. ``attention_ref`` in ``attention_ref.py`` is the oracle.
 
-Decode (one query per sequence over a paged cache) runs batched in fp32: on this CPU, bf16
-attention for a single query is ~6x slower than fp32 (docs/platform.md).
+Decode (one query per sequence over a padded batch of gathered keys) runs batched in fp32: on this CPU,
+bf16 attention for a single query is ~6x slower than fp32 (docs/platform.md). It is the plain-torch
+twin of the paged decode kernel (``csps.kernels.decode``).
 """
 
 from __future__ import annotations
@@ -132,23 +133,6 @@ def attention_torch(
     if not parts:
         return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"))
     return merge_many([o for o, _ in parts], [lse for _, lse in parts])
-
-
-def decode_attention_one(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-    sliding_window: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query over one sequence's keys (the query is the newest token): one fused kernel call.
-
-    q: [Hq, D], k/v: [L, Hkv, D] -> out [Hq, D], lse [Hq] fp32. Meant for fp32 on CPU (the fused
-    kernel is ~6x slower in bf16 for a single query; ``decode_attention`` computes in fp32).
-    """
-    if sliding_window is not None and k.shape[0] > sliding_window:
-        k, v = k[-sliding_window:], v[-sliding_window:]
-    if k.shape[0] == 0:
-        return q.new_zeros(q.shape), torch.full(q.shape[:1], float("-inf"))
-    out, lse = _flash(q[None], k, v, q.shape[-1] ** -0.5 if scale is None else scale)
-    return out[0], lse[0]
 
 
 def decode_attention(

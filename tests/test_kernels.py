@@ -193,37 +193,3 @@ def test_paged_write_and_gather_roundtrip():
     assert torch.equal(gk, k) and torch.equal(gv, v)
     pk, _ = gather_kv_padded(kc, vc, torch.tensor([[3, 1, 5], [1, 0, 0]]))
     assert pk.shape == (2, 12, 2, 8) and torch.equal(pk[0, :10], k) and (pk[1, 4:] == 0).all()
-
-
-@pytest.mark.parametrize("kv_head_map", [None, [0, 0, 1]])
-def test_batched_decodes_read_long_runs_in_place(kv_head_map):
-    # four decodes in one step: long contexts in runs of 20 blocks (read in place, a call per run; one
-    # ends inside its last block, one exactly at a block's end), a long context in single interleaved
-    # blocks and a short one (both gathered into the padded batch); also with query heads mapped
-    # unevenly onto local KV heads (a TP rank)
-    from csps.core.plan import SeqWork
-    from csps.engine.paged_attention import KVCacheTensors, LocalAttention, block_runs
-
-    bs, hkv, d = 16, 2, 16
-    hq = 6 if kv_head_map is None else len(kv_head_map)
-    cache = KVCacheTensors(1, 400, bs, hkv, d, torch.float32)
-    cache.k[0].copy_(rand(400, bs, hkv, d))
-    cache.v[0].copy_(rand(400, bs, hkv, d))
-    runs_table = [b for start in (300, 10, 200, 120) for b in range(start, start + 20)][:69]  # 1,100 tokens
-    exact_table = [b for start in (340, 60) for b in range(start, start + 32)]  # 1,024 tokens, 64 full blocks
-    interleaved = list(range(31, 31 + 2 * 69, 2))[:69]
-    lens = [1100, 1024, 1100, 100]
-    tables = [runs_table, exact_table, interleaved, list(range(250, 257))]
-    seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(n - 1, n)], new_block_ids=[], num_kv_before=n - 1,
-                    is_decode=True) for i, n in enumerate(lens)]
-    q, k_new, v_new = rand(4, hq, d), rand(4, hkv, d), rand(4, hkv, d)
-    attn = LocalAttention(seqs, tables, cache, scale=d**-0.5, kv_head_map=kv_head_map)
-    assert [r for r, _, _ in attn.decodes_in_place] == [0, 1] and len(block_runs(runs_table)) == 4
-    out = attn(0, q, k_new, v_new)
-    for i, (n, t) in enumerate(zip(lens, tables)):
-        kk = cache.k[0][t].flatten(0, 1)[:n]  # read after the step wrote the new token
-        vv = cache.v[0][t].flatten(0, 1)[:n]
-        if kv_head_map is not None:
-            kk, vv = kk[:, kv_head_map], vv[:, kv_head_map]
-        ro, _ = attention_ref(q[i : i + 1], kk, vv, torch.tensor([n - 1]), torch.arange(n))
-        assert (out[i] - ro[0]).abs().max() <= 1e-5

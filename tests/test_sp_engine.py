@@ -84,12 +84,12 @@ def test_ulysses_agrees(weights, reference):
 
 @pytest.mark.parametrize("sp,tp", [(2, 1), (2, 2)])
 def test_long_sp_decode_matches_single_process(weights, sp, tp):
-    # 2,600 prompt tokens: each SP rank holds > 1,024 of them in runs of 32 blocks (a 512-token share of
-    # each 1,024-token chunk), so its pass-Q decodes read the cache in place, a call per run of blocks
+    # 2,600 prompt tokens: each SP rank holds over 1,024 of them, more than one 512-key partition of the
+    # paged decode kernel, so its pass-Q decodes split and merge partitions over the rank's own blocks
     from csps.core import kv_placement as kp
-    from csps.engine.paged_attention import IN_PLACE_MIN_TOKENS
+    from csps.kernels.decode import PARTITION_TOKENS
 
-    assert min(kp.shares(0, 2600, 2, 16)) >= IN_PLACE_MIN_TOKENS  # long enough for the in-place path
+    assert min(kp.shares(0, 2600, 2, 16)) > 2 * PARTITION_TOKENS
     kw = dict(token_budget=512, num_blocks=512, max_model_len=4096, sp_threshold_tokens=200, enable_prefix_caching=False)
     workload = [[("long", ids(2600, 9))]]
     ref = run(weights, workload, **kw)

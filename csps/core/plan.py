@@ -4,7 +4,7 @@ Rank 0 builds one plan per SP rank from the scheduler output (``PlanBuilder``) a
 rank (all TP ranks of it) its own. A plan carries what changed, never what the ranks already know:
 the new tokens and their positions, the KV blocks allocated since the last plan, the requests whose
 KV was freed (finished, aborted, preempted). Each rank keeps its own block tables
-(``BlockTables``). So a plan's bytes and the Python work to build and read it grow with the batch,
+(``csps.engine.block_tables``). So a plan's bytes and the Python work to build and read it grow with the batch,
 never with the context.
 
 A sequence-parallel chunk names its positions ``[start, end)``: every rank derives every rank's
@@ -116,26 +116,3 @@ class StepPlan:
             free_req_ids=d["free_req_ids"],
             shutdown=d["shutdown"],
         )
-
-
-class BlockTables:
-    """One rank's block tables, kept up to date from the plans it receives."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, list[int]] = {}
-
-    def apply(self, plan: StepPlan) -> None:
-        for req_id in plan.free_req_ids:
-            self.tables.pop(req_id, None)
-        for s in plan.seqs:
-            self.extend(s)
-        for s in plan.sp_seqs:
-            self.extend(s.mine)
-
-    def extend(self, s: SeqWork) -> list[int]:
-        table = self.tables.setdefault(s.req_id, [])
-        table.extend(s.new_block_ids)
-        return table
-
-    def __getitem__(self, req_id: str) -> list[int]:
-        return self.tables.get(req_id, [])

@@ -1,11 +1,9 @@
 """Attention over the paged KV cache for one step's packed batch on one rank.
 
-Built once per step from the rank's ``SeqWork`` list and their block tables, then called by every layer as
-``attn(layer, q, k, v) -> out``: it writes the new K/V into the cache (slot mapping), runs the
-batched fp32 decode attention for one-token sequences (long contexts in long runs of blocks read
-the cache in place instead, a fused call per run) and the chunked-prefill attention (chunk on top
-of cached KV) for the others. Every call returns only ``out``; ``partial`` exposes
-``(out, lse)`` for the sequence-parallel wrappers.
+Built once per step from the rank's ``SeqWork`` list and its block tables, then called by every layer as
+``attn(layer, q, k, v) -> out``: it writes the new K/V into the cache (slot mapping), runs every
+one-token sequence of the step in one paged decode call (``csps.kernels.decode``: blocks read in
+place) and the chunked-prefill attention (a chunk on top of its cached KV) for the others.
 """
 
 from __future__ import annotations
@@ -15,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from csps.core.plan import SeqWork, ranges_to_list
-from csps.kernels import attention, decode_attention, decode_attention_one, merge_many
-from csps.kernels.paged import gather_kv, gather_kv_padded, write_kv
+from csps.engine.block_tables import RankBlockTables
+from csps.kernels import attention
+from csps.kernels.decode import HeadGroups, paged_decode
+from csps.kernels.paged import gather_kv, write_kv
 
 
 class KVCacheTensors:
@@ -48,44 +48,6 @@ def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-# A decode reads the cache in place, one fused call per run of consecutive blocks, when it is the
-# step's only decode and its blocks are one run, or when its context is long and its runs hold at
-# least IN_PLACE_MIN_RUN_TOKENS on average (prefill allocates a chunk's blocks together): copying
-# its KV into the padded batch would cost more than the calls (benchmarks/cpu_kernels.py decode_long).
-IN_PLACE_MIN_TOKENS = 1024
-IN_PLACE_MIN_RUN_TOKENS = 256
-
-
-def can_read_in_place(cache: "KVCacheTensors") -> bool:
-    """Fused per-run decode calls want a CPU fp32 cache (see decode_attention_one)."""
-    return bool(cache.k) and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu"
-
-
-def in_place_runs(block_ids: list[int], num_kv: int, block_size: int, alone: bool = False,
-                  sliding_window: int | None = None) -> list[tuple[int, int]] | None:
-    """The runs of blocks holding a decode's ``num_kv`` tokens, if reading them in place pays.
-
-    ``alone``: the step's only decode. ``sliding_window``: only one run then (the fused call keeps
-    the last ``sliding_window`` keys of what it is given).
-    """
-    runs = block_runs(block_ids[: -(-num_kv // block_size)])
-    if len(runs) > 1 and sliding_window is not None:
-        return None
-    if (alone and len(runs) == 1) or (num_kv >= IN_PLACE_MIN_TOKENS and num_kv >= IN_PLACE_MIN_RUN_TOKENS * len(runs)):
-        return runs
-    return None
-
-
-def run_views(cache: "KVCacheTensors", layer: int, runs: list[tuple[int, int]], num_kv: int):
-    """(first token index, k, v) per run of blocks, views of the cache: k/v [run_tokens, Hkv, D]."""
-    out, start = [], 0
-    for b0, n in runs:
-        kc, vc = (c[layer][b0 : b0 + n].flatten(0, 1)[: num_kv - start] for c in (cache.k, cache.v))
-        out.append((start, kc, vc))
-        start += kc.shape[0]
-    return out
-
-
 @dataclass
 class _Prefill:
     rows: slice
@@ -98,35 +60,30 @@ class _Prefill:
 
 
 class LocalAttention:
-    def __init__(self, seqs: list[SeqWork], tables: list[list[int]], cache: KVCacheTensors, scale: float,
-                 sliding_window: int | None = None, kv_head_map: list[int] | None = None) -> None:
-        """``tables[i]``: the block table of ``seqs[i]`` on this rank (after this step's allocations)."""
+    def __init__(self, seqs: list[SeqWork], tables: RankBlockTables, cache: KVCacheTensors, scale: float,
+                 heads: HeadGroups, sliding_window: int | None = None) -> None:
+        """``tables``: the rank's block tables (after this step's allocations); ``heads``: which local KV
+        head each local query head reads."""
         self.cache = cache
         self.scale = scale
         self.window = sliding_window
-        # kv_head_map: for TP ranks whose query heads map unevenly onto local KV heads
-        self.kv_head_map = torch.tensor(kv_head_map) if kv_head_map is not None else None
+        self.heads = heads
+        self.tables = tables
         bs = cache.block_size
         slots: list[int] = []
-        decode_rows, decode_tables, lens = [], [], []
+        decode_rows: list[int] = []
+        decode_ids: list[str] = []
+        lens: list[int] = []
         self.prefills: list[_Prefill] = []
-        # decodes read in place: (row, runs of blocks, num_kv); CPU fp32 only (see decode_attention_one;
-        # CUDA has flash-attn's paged decode)
-        self.decodes_in_place: list[tuple[int, list[tuple[int, int]], int]] = []
-        in_place_ok = can_read_in_place(cache)
-        alone = sum(1 for s in seqs if s.is_decode) == 1
         row = 0
-        for s, block_ids in zip(seqs, tables):
+        for s in seqs:
+            block_ids = tables[s.req_id]
             slots.extend(slots_for(s, block_ids, bs))
             n = s.num_tokens
             if s.is_decode:
-                runs = in_place_runs(block_ids, s.num_kv, bs, alone, sliding_window) if in_place_ok else None
-                if runs is not None:
-                    self.decodes_in_place.append((row, runs, s.num_kv))
-                else:
-                    decode_rows.append(row)
-                    decode_tables.append(block_ids[: -(-s.num_kv // bs)])
-                    lens.append(s.num_kv)
+                decode_rows.append(row)
+                decode_ids.append(s.req_id)
+                lens.append(s.num_kv)
             else:
                 q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
                 runs = block_runs(block_ids[: -(-s.num_kv // bs)])
@@ -137,14 +94,16 @@ class LocalAttention:
             row += n
         self.num_rows = row
         self.slots = torch.tensor(slots, dtype=torch.int64)
-        self.decode_rows = torch.tensor(decode_rows, dtype=torch.int64)
+        # decodes come first in a plan: their rows are then one slice of the batch
+        contiguous = decode_rows == list(range(len(decode_rows)))
+        self.decode_rows = slice(0, len(decode_rows)) if contiguous else torch.tensor(decode_rows, dtype=torch.int64)
+        self.num_decodes = len(decode_rows)
+        self.decode_table_rows = tables.rows(decode_ids)
         self.decode_lens = torch.tensor(lens, dtype=torch.int64)
-        width = max((len(t) for t in decode_tables), default=0)
-        self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int64)
 
     def _expand(self, k: torch.Tensor) -> torch.Tensor:
         # k: [..., Hkv_l, D] -> [..., Hq_l, D] when local query heads do not group evenly
-        return k if self.kv_head_map is None else k.index_select(-2, self.kv_head_map)
+        return k if self.heads.grouped else k.index_select(-2, self.heads.kv_of_q)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.slots.numel():
@@ -168,31 +127,12 @@ class LocalAttention:
 
     def compute(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
         """Attention for this context's rows (the first ``num_rows`` of q/k/v), into ``out``."""
-        if self.decode_rows.numel():
-            if q.is_cuda and self.kv_head_map is None:  # flash-attn paged decode, imported lazily
-                from csps.kernels.cuda_attention import flash_decode_paged
-
-                o, _ = flash_decode_paged(q[self.decode_rows], self.cache.k[layer], self.cache.v[layer],
-                                          self.decode_tables, self.decode_lens, self.scale, self.window)
-            else:
-                kc, vc = gather_kv_padded(self.cache.k[layer], self.cache.v[layer], self.decode_tables)
-                o, _ = decode_attention(q[self.decode_rows], self._expand(kc), self._expand(vc),
-                                        self.decode_lens, self.scale, self.window)
+        if self.num_decodes:
+            o, _ = paged_decode(q[self.decode_rows], self.cache.k[layer], self.cache.v[layer], self.tables.tensor,
+                                self.decode_table_rows, self.decode_lens, self.heads, self.scale, self.window)
             out[self.decode_rows] = o
-        for row, runs, num_kv in self.decodes_in_place:
-            out[row] = self._decode_in_place(layer, q[row], runs, num_kv)
         for p in self.prefills:
             kk, vv = self.prefill_kv(layer, p, k, v)
             o, _ = attention(q[p.rows], self._expand(kk), self._expand(vv), p.q_pos, p.k_pos,
                              self.scale, self.window)
             out[p.rows] = o
-
-    def _decode_in_place(self, layer: int, q: torch.Tensor, runs: list[tuple[int, int]], num_kv: int) -> torch.Tensor:
-        """One decode over its cached KV read in place: a fused call per run of blocks, merged by LSE."""
-        # q: [Hq_l, D] -> out [Hq_l, D]
-        outs, lses = [], []
-        for _, kc, vc in run_views(self.cache, layer, runs, num_kv):
-            o, lse = decode_attention_one(q, self._expand(kc), self._expand(vc), self.scale, self.window)
-            outs.append(o[None])
-            lses.append(lse[None])
-        return merge_many(outs, lses)[0][0]

@@ -16,13 +16,16 @@ import sys
 
 import torch
 
-from csps.core.plan import BlockTables, SeqWork, StepPlan, ranges_to_list
+from csps.core.plan import SeqWork, StepPlan, ranges_to_list
 from csps.core.tp_shard import TPShard
 from csps.dtypes import torch_dtype
+from csps.engine.block_tables import RankBlockTables
 from csps.engine.exchange import measure_link
 from csps.engine.model import LlamaModel
 from csps.engine.paged_attention import KVCacheTensors
 from csps.engine.sp_attention import SPAttention
+from csps.kernels import cpu_ext
+from csps.kernels.decode import HeadGroups
 from csps.parallel.comm import Comm
 from csps.parallel.groups import ParallelGroups, build_groups
 from csps.perf.hardware import LinkProfile
@@ -65,7 +68,9 @@ class RankRuntime:
         self.model = LlamaModel(model_cfg, state_dict, dtype, shard, tp_comm=self.groups.tp_comm)
         self.cache = KVCacheTensors(model_cfg.num_layers, num_blocks, config.cache.block_size,
                                     self.model.num_local_kv_heads, model_cfg.head_dim, dtype)
-        self.tables = BlockTables()
+        self.tables = RankBlockTables(-(-config.scheduler.max_model_len // config.cache.block_size))
+        self.heads = HeadGroups.of(self.model.num_local_heads, self.model.num_local_kv_heads, self.model.kv_head_map)
+        cpu_ext.load()  # build or load the C++ CPU kernels now, not in the first step (logged; may fall back)
         self.fault = config.debug_fault  # (world rank, step id): tests inject a failure
 
     def handshake(self) -> LinkProfile | None:
@@ -77,7 +82,7 @@ class RankRuntime:
 
     def attention_for(self, plan: StepPlan) -> SPAttention:
         return SPAttention(plan.seqs, plan.sp_seqs, self.tables, self.cache, self.groups.sp_comm, self.model.scale,
-                           self.model.cfg.sliding_window, self.model.kv_head_map)
+                           self.heads, self.model.cfg.sliding_window)
 
     @torch.inference_mode()
     def forward_hidden(self, plan: StepPlan) -> torch.Tensor:

@@ -16,20 +16,16 @@ travel, only K/V (pass-KV) or Q and partial outputs (pass-Q).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
-from csps.core.plan import BlockTables, SeqWork, SPSeqWork, ranges_to_list
-from csps.engine.paged_attention import (
-    KVCacheTensors,
-    LocalAttention,
-    can_read_in_place,
-    in_place_runs,
-    run_views,
-    slots_for,
-)
-from csps.kernels import attention, merge_attn, merge_many
+from csps.core.plan import SeqWork, SPSeqWork, ranges_to_list
+from csps.engine.block_tables import RankBlockTables
+from csps.engine.paged_attention import KVCacheTensors, LocalAttention, slots_for
+from csps.kernels import attention, merge_attn
+from csps.kernels.decode import HeadGroups, paged_decode
 from csps.kernels.paged import gather_kv, write_kv
 from csps.parallel.comm import Comm
 from csps.parallel.pass_q import pass_q_attention
@@ -48,31 +44,47 @@ def local_positions(num: int, layout: tuple[int, int, int]) -> torch.Tensor:
 
 class _SPSeq:
     """Per-step facts about one SP sequence, seen from this rank (every rank's share is derived from
-    the chunk's positions: nothing about other ranks travels in the plan)."""
+    the chunk's positions: nothing about other ranks travels in the plan). What grows with the context
+    (key positions, the block-id tensor) is built only if a path reads it: a decode without a window
+    needs neither."""
 
     def __init__(self, s: SPSeqWork, me: int, sp: int, granule: int, block_ids: list[int], row: int) -> None:
         self.work = s
         self.mine: SeqWork = s.mine
         self.rows = slice(row, row + self.mine.num_tokens)
         self.block_table = block_ids
-        self.block_ids = torch.tensor(block_ids, dtype=torch.int64)
-        shares = s.shares(sp, granule)
-        self.q_pos = [torch.tensor(ranges_to_list(w.pos), dtype=torch.int64) for w in shares]
-        self.num_q = [w.num_tokens for w in shares]
-        self.k_pos = [local_positions(w.num_kv, (sp, r, granule)) for r, w in enumerate(shares)]
-        self.cached_k_pos = [local_positions(w.num_kv_before, (sp, r, granule)) for r, w in enumerate(shares)]
-        self.any_cached = any(w.num_kv_before for w in shares)
+        self.shares = s.shares(sp, granule)
+        self.layout = (sp, granule)
+        self.q_pos = [torch.tensor(ranges_to_list(w.pos), dtype=torch.int64) for w in self.shares]
+        self.num_q = [w.num_tokens for w in self.shares]
+        self.any_cached = any(w.num_kv_before for w in self.shares)
         self.is_decode = s.is_decode
+
+    @functools.cached_property
+    def block_ids(self) -> torch.Tensor:
+        return torch.tensor(self.block_table, dtype=torch.int64)
+
+    @functools.cached_property
+    def k_pos(self) -> list[torch.Tensor]:
+        """Positions of every rank's KV of the sequence after this step."""
+        sp, g = self.layout
+        return [local_positions(w.num_kv, (sp, r, g)) for r, w in enumerate(self.shares)]
+
+    @functools.cached_property
+    def cached_k_pos(self) -> list[torch.Tensor]:
+        """Positions of every rank's KV of the sequence before this step."""
+        sp, g = self.layout
+        return [local_positions(w.num_kv_before, (sp, r, g)) for r, w in enumerate(self.shares)]
 
 
 class SPAttention:
-    def __init__(self, local: list[SeqWork], sp_seqs: list[SPSeqWork], tables: BlockTables, cache: KVCacheTensors,
-                 sp_comm: Comm, scale: float, sliding_window: int | None = None,
-                 kv_head_map: list[int] | None = None) -> None:
-        self.local = LocalAttention(local, [tables[s.req_id] for s in local], cache, scale, sliding_window,
-                                    kv_head_map)
+    def __init__(self, local: list[SeqWork], sp_seqs: list[SPSeqWork], tables: RankBlockTables,
+                 cache: KVCacheTensors, sp_comm: Comm, scale: float, heads: HeadGroups,
+                 sliding_window: int | None = None) -> None:
+        self.local = LocalAttention(local, tables, cache, scale, heads, sliding_window)
         self.cache, self.comm, self.scale, self.window = cache, sp_comm, scale, sliding_window
-        self.kv_head_map = torch.tensor(kv_head_map) if kv_head_map is not None else None
+        self.tables, self.heads = tables, heads
+        self.kv_head_map = None if heads.grouped else heads.kv_of_q
         row = self.local.num_rows
         self.seqs: list[_SPSeq] = []
         slots = [self.local.slots]
@@ -83,11 +95,6 @@ class SPAttention:
             slots.append(torch.tensor(slots_for(seq.mine, seq.block_table, cache.block_size), dtype=torch.int64))
         self.slots = torch.cat(slots)
         self.decodes = [s for s in self.seqs if s.is_decode]
-        # runs of blocks to read each decode's local KV in place (None: gather), once per step; attention
-        # by positions handles a window over any split of the keys
-        in_place = can_read_in_place(cache)
-        self.decode_runs = {id(s): in_place_runs(s.block_table, s.mine.num_kv, cache.block_size) if in_place
-                            else None for s in self.decodes}
         self.prefills = [s for s in self.seqs if not s.is_decode]
 
     def _attn_fn(self) -> Callable:
@@ -120,24 +127,31 @@ class SPAttention:
     def _decodes(self, layer: int, q: torch.Tensor, out: torch.Tensor, attn_fn: Callable) -> None:
         """All SP decodes in one pass-Q exchange; queries ordered by computing rank, then plan order."""
         me, size = self.comm.rank, self.comm.size
-        order = [(r, s) for r in range(size) for s in self.decodes if s.num_q[r]]
+        order = [s for r in range(size) for s in self.decodes if s.num_q[r]]
         num_q = [sum(s.num_q[r] for s in self.decodes) for r in range(size)]
         mine = [s for s in self.decodes if s.num_q[me]]
         q_mine = torch.cat([q[s.rows] for s in mine]) if mine else q[:0]
         q_pos_mine = torch.cat([s.q_pos[me] for s in mine]) if mine else torch.zeros(0, dtype=torch.int64)
-        kvs = {id(s): self._decode_kv(layer, s) for s in self.decodes}
+        if self.window is None:
+            # every query sees all of this rank's KV of its sequence: one paged decode call over it, in place
+            rows = self.tables.rows([s.work.req_id for s in order])
+            lens = torch.tensor([s.mine.num_kv for s in order], dtype=torch.int64)
 
-        def local_attn(q_all: torch.Tensor, q_pos_all: torch.Tensor):
-            outs, lses = [], []
-            for i, (_, s) in enumerate(order):
-                parts = [attn_fn(q_all[i : i + 1], kk, vv, q_pos_all[i : i + 1], s.k_pos[me][a : a + kk.shape[0]],
-                                 scale=self.scale, sliding_window=self.window) for a, kk, vv in kvs[id(s)]]
-                o, l = merge_many([o for o, _ in parts], [l for _, l in parts])
-                outs.append(o)
-                lses.append(l)
-            if not outs:
-                return q_all.new_zeros(q_all.shape), torch.full(q_all.shape[:2], float("-inf"))
-            return torch.cat(outs), torch.cat(lses)
+            def local_attn(q_all: torch.Tensor, q_pos_all: torch.Tensor):
+                return paged_decode(q_all, self.cache.k[layer], self.cache.v[layer], self.tables.tensor, rows, lens,
+                                    self.heads, self.scale)
+        else:  # a window is a rule on positions, which a rank's zigzag share does not keep consecutive
+            def local_attn(q_all: torch.Tensor, q_pos_all: torch.Tensor):
+                outs, lses = [], []
+                for i, s in enumerate(order):
+                    kk, vv = self._local_kv(layer, s, s.mine.num_kv)
+                    o, l = attn_fn(q_all[i : i + 1], kk, vv, q_pos_all[i : i + 1], s.k_pos[me], scale=self.scale,
+                                   sliding_window=self.window)
+                    outs.append(o)
+                    lses.append(l)
+                if not outs:
+                    return q_all.new_zeros(q_all.shape), torch.full(q_all.shape[:2], float("-inf"))
+                return torch.cat(outs), torch.cat(lses)
 
         q_pos_all = [torch.cat([s.q_pos[r] for s in self.decodes if s.num_q[r]] or
                                [torch.zeros(0, dtype=torch.int64)]) for r in range(size)]
@@ -146,15 +160,6 @@ class SPAttention:
         for s in mine:
             out[s.rows] = o[row : row + 1]
             row += 1
-
-    def _decode_kv(self, layer: int, s: _SPSeq) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """This rank's KV of a decoding SP sequence as (first token index, k, v) segments: views of
-        the cache per run of blocks when the context is long and its runs are long (no copy of the
-        whole context every layer and step), else one gathered copy."""
-        runs = self.decode_runs[id(s)]
-        if runs is not None:
-            return run_views(self.cache, layer, runs, s.mine.num_kv)
-        return [(0, *self._local_kv(layer, s, s.mine.num_kv))]
 
     def _prefill(self, layer: int, s: _SPSeq, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  attn_fn: Callable) -> torch.Tensor:
