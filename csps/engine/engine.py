@@ -33,7 +33,7 @@ from csps.engine.exchange import ExchangePolicy
 from csps.engine.outputs import OutputState, RequestOutput
 from csps.engine.rank_runtime import BYTE_KINDS, RankRuntime
 from csps.engine.rank_world import RankWorld, check_layout
-from csps.engine.sampler import SampleRow, sample
+from csps.engine.sampler import RequestSampler, SampleRow, sample
 from csps.engine.tokenizer import Tokenizer, load_tokenizer
 from csps.engine.weights import load_model_weights, memory_available_bytes
 from csps.errors import CspsError, RequestError
@@ -109,7 +109,7 @@ class Engine:
                                    config.parallel.sp_threshold_tokens if self.num_sp_ranks > 1 else None)
         self.plans = PlanBuilder(self.kvs, config.cache.block_size, self.exchange.choose if self.exchange else None)
         self.states: dict[str, OutputState] = {}
-        self.generators: dict[str, torch.Generator] = {}
+        self.samplers: dict[str, RequestSampler] = {}  # per request: its seed's generator, penalty state
         self.step_log: deque[StepRecord] = deque(maxlen=100_000)
         self.logits_sink: dict[str, list[torch.Tensor]] | None = None  # tests: capture sampled logits
         self.step_observers: list[StepObserver] = []
@@ -193,8 +193,8 @@ class Engine:
             raise RequestError(f"request id {req_id!r} is already in use")
         req = Request(req_id, ids, params, arrival_s if arrival_s is not None else time.perf_counter())
         self.states[req_id] = OutputState(req, self.tokenizer, self.eos_ids, self.max_model_len)
-        if params.seed is not None:
-            self.generators[req_id] = torch.Generator().manual_seed(params.seed)
+        self.samplers[req_id] = RequestSampler(
+            torch.Generator().manual_seed(params.seed) if params.seed is not None else None)
         self.scheduler.add(req)
         return req_id
 
@@ -203,7 +203,7 @@ class Engine:
         req = self.scheduler.finish(req_id, Status.FINISHED_ABORTED)
         self.plans.forget(req_id)
         self.states.pop(req_id, None)
-        self.generators.pop(req_id, None)
+        self.samplers.pop(req_id, None)
         return req is not None
 
     def has_unfinished(self) -> bool:
@@ -275,8 +275,7 @@ class Engine:
         rows = []
         for c in chunks:
             req = self.scheduler.requests[c.req_id]
-            rows.append(SampleRow(req.params, req.prompt_token_ids, req.output_token_ids,
-                                  self.generators.get(c.req_id)))
+            rows.append(SampleRow(req.params, req.prompt_token_ids, req.output_token_ids, self.samplers[c.req_id]))
         if self.logits_sink is not None:
             for c, row in zip(chunks, logits):
                 self.logits_sink.setdefault(c.req_id, []).append(row.clone())
@@ -292,7 +291,7 @@ class Engine:
                 self.scheduler.finish(c.req_id, status)
                 self.plans.forget(c.req_id)
                 self.states.pop(c.req_id, None)
-                self.generators.pop(c.req_id, None)
+                self.samplers.pop(c.req_id, None)
             outputs.append(state.make_output(status is not None, status))
         return outputs
 

@@ -1,4 +1,15 @@
-"""Choosing the next token from logits: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+"""Choosing the next token of every sampled row of a step at once: penalties, temperature,
+top-k/top-p/min-p, seeds, logprobs.
+
+Everything is a tensor operation over the batch ``[N, V]``; Python touches each row only to read its
+parameters (O(batch) per step, never O(context)). Penalties read each request's ``RequestSampler``:
+which tokens it has seen (prompt and output, for the repetition penalty) and how often it produced
+each (presence/frequency), built once from the prompt and then updated with each new token. Random
+rows draw exponential noise for one race over the batch (``argmax(p / E)``, ``E ~ Exp(1)``, picks
+token i with probability p_i) from the engine's generator; a request with a seed draws its row from
+its own generator, so its tokens do not depend on what else is in the batch (as vLLM does).
+The per-row rules, in plain torch, are in ``sampler_ref.py``: the oracle of this module.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +21,38 @@ from csps.core.sampling_params import SamplingParams
 
 
 @dataclass
+class RequestSampler:
+    """What sampling remembers about one request between steps."""
+
+    generator: torch.Generator | None = None  # the request's seed, if it gave one
+    seen: torch.Tensor | None = None  # bool [V]: tokens in the prompt or output (repetition penalty)
+    counts: torch.Tensor | None = None  # fp32 [V]: how often each token was generated (presence/frequency)
+    num_folded: int = 0  # output tokens already counted in seen/counts
+
+    def fold(self, p: SamplingParams, prompt_ids: list[int], output_ids: list[int], vocab: int) -> None:
+        """Bring seen/counts up to date: the prompt once, then only the tokens generated since."""
+        new = output_ids[self.num_folded :]
+        if p.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(vocab, dtype=torch.bool)
+                self.seen[torch.tensor(prompt_ids, dtype=torch.int64)] = True
+            if new:
+                self.seen[torch.tensor(new, dtype=torch.int64)] = True
+        if p.presence_penalty or p.frequency_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(vocab, dtype=torch.float32)
+                new = output_ids
+            if new:
+                self.counts.index_add_(0, torch.tensor(new, dtype=torch.int64), torch.ones(len(new)))
+        self.num_folded = len(output_ids)
+
+
+@dataclass
 class SampleRow:
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]
-    generator: torch.Generator | None = None
+    state: RequestSampler = field(default_factory=RequestSampler)
 
 
 @dataclass
@@ -24,65 +62,89 @@ class Sampled:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
-def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
-    # logits: [V] fp32 (a copy is modified)
-    vocab = logits.shape[0]
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted({t for t in prompt_ids + output_ids if t < vocab}), dtype=torch.int64)
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and output_ids:
-        ids = torch.tensor([t for t in output_ids if t < vocab], dtype=torch.int64)
-        counts = torch.bincount(ids, minlength=vocab).float()
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+def _column(rows: list[SampleRow], get, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor([get(r.params) for r in rows], dtype=dtype)[:, None]  # [n, 1]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """logits: [n, V] fp32 of rows that all need penalties (modified in place and returned)."""
+    vocab = logits.shape[1]
+    for r in rows:
+        r.state.fold(r.params, r.prompt_ids, r.output_ids, vocab)
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        sel = logits[rep]
+        rp = _column([rows[i] for i in rep], lambda p: p.repetition_penalty)
+        seen = torch.stack([rows[i].state.seen for i in rep])
+        logits[rep] = torch.where(seen, torch.where(sel > 0, sel / rp, sel * rp), sel)
+    pf = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
+    if pf:
+        counts = torch.stack([rows[i].state.counts for i in pf])
+        freq = _column([rows[i] for i in pf], lambda p: p.frequency_penalty)
+        pres = _column([rows[i] for i in pf], lambda p: p.presence_penalty)
+        logits[pf] = logits[pf] - (freq * counts + pres * (counts > 0).float())
     return logits
 
 
-def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Mask logits outside top-k / top-p / min-p with -inf. logits: [V] fp32 (already scaled)."""
-    if p.top_k and p.top_k < logits.shape[0]:
-        kth = torch.topk(logits, p.top_k).values[-1]
+def filter_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Mask what top-k, then min-p and top-p (on the top-k distribution) exclude, with -inf.
+    logits: [n, V] fp32, already divided by each row's temperature."""
+    n, vocab = logits.shape
+    top_k = torch.tensor([r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows])
+    if bool((top_k > 0).any()):
+        k_max = int(top_k.max())
+        values = torch.topk(logits, k_max, dim=-1).values  # [n, k_max], descending
+        kth = values.gather(1, (top_k.clamp(min=1) - 1)[:, None])
+        kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0 or p.min_p > 0.0:
+    top_p = _column(rows, lambda p: p.top_p)
+    min_p = _column(rows, lambda p: p.min_p)
+    nucleus = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]
+    if nucleus or bool((min_p > 0).any()):
         probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0.0:
-            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            drop_sorted = (torch.cumsum(sorted_probs, 0) - sorted_probs) > p.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
+        drop = probs < min_p * probs.max(dim=-1, keepdim=True).values
+        if nucleus:
+            sorted_probs, order = torch.sort(probs[nucleus], dim=-1, descending=True)
+            drop_sorted = (torch.cumsum(sorted_probs, -1) - sorted_probs) > top_p[nucleus]
+            drop[nucleus] |= torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
+def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Random rows: temperature, filters, then one exponential race per row. Token ids [n] int64."""
+    logits = filter_logits(logits / _column(rows, lambda p: p.temperature), rows)
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_()
+    for i, r in enumerate(rows):  # seeded requests draw from their own stream (vLLM does the same)
+        if r.state.generator is not None:
+            race[i].exponential_(generator=r.state.generator)
+    return (probs / race).argmax(dim=-1)
+
+
+@torch.inference_mode()
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
-    """logits: [N, V] fp32, one row per request -> one Sampled per row."""
-    if all(r.params.greedy and not r.params.needs_penalties and r.params.logprobs is None for r in rows):
-        return [Sampled(int(t)) for t in logits.argmax(-1).tolist()]
-    want_logprobs = any(r.params.logprobs is not None for r in rows)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    out = []
-    for i, r in enumerate(rows):
-        p = r.params
-        row = logits[i]
-        if p.needs_penalties:
-            row = apply_penalties(row.clone(), p, r.prompt_ids, r.output_ids)
-        if p.greedy:
-            token = int(row.argmax())
-        else:
-            row = filter_logits(row / p.temperature, p)
-            probs = torch.softmax(row, dim=-1)
-            # exponential race: argmax(p / E), E ~ Exp(1), draws token i with probability p_i
-            # (one vectorised pass; torch.multinomial over a 49k vocabulary is several times slower)
-            race = torch.empty_like(probs).exponential_(generator=r.generator)
-            token = int((probs / race).argmax())
-        s = Sampled(token)
-        if raw_logprobs is not None and p.logprobs is not None:
-            lp = raw_logprobs[i]
-            s.logprob = float(lp[token])
-            if p.logprobs > 0:
-                top = torch.topk(lp, p.logprobs)
-                s.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-        out.append(s)
+    """logits: [N, V] fp32, one row per request (modified in place) -> one Sampled per row."""
+    params = [r.params for r in rows]
+    logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None  # before penalties
+    penalised = [i for i, p in enumerate(params) if p.needs_penalties]
+    if penalised:
+        logits[penalised] = apply_penalties(logits[penalised], [rows[i] for i in penalised])
+    tokens = logits.argmax(dim=-1)  # greedy rows (and a placeholder for the others)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
+    token_ids = tokens.tolist()
+    out = [Sampled(t) for t in token_ids]
+    if raw_logprobs is not None:
+        chosen = raw_logprobs.gather(1, tokens[logprob_rows][:, None])[:, 0].tolist()
+        k_max = max(params[i].logprobs for i in logprob_rows)
+        top = torch.topk(raw_logprobs, k_max, dim=-1) if k_max else None
+        top_ids, top_vals = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+        for j, i in enumerate(logprob_rows):
+            out[i].logprob = chosen[j]
+            k = params[i].logprobs
+            if k:
+                out[i].top_logprobs = list(zip(top_ids[j][:k], top_vals[j][:k]))
     return out
