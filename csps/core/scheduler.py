@@ -219,7 +219,7 @@ class Scheduler:
 
     def _schedule_decodes(self, out: SchedulerOutput, budgets: list[int], scheduled: set[str]) -> None:
         for req in list(self.running):
-            if req not in self.running or not req.is_decode:
+            if req.status is not Status.RUNNING or not req.is_decode:  # (preempted meanwhile)
                 continue
             r = self.decode_rank(req)
             if budgets[r] <= 0:
@@ -232,7 +232,7 @@ class Scheduler:
         scheduled: set[str] = set()
         self._schedule_decodes(out, budgets, scheduled)  # 1. every running decode
         for req in list(self.running):  # 2. the next chunk of partly prefilled prompts
-            if req not in self.running or req.req_id in scheduled or req.is_decode:
+            if req.status is not Status.RUNNING or req.req_id in scheduled or req.is_decode:
                 continue
             n = self._chunk_size(req, req.num_computed_tokens, req.num_missing_tokens, budgets)
             if n > 0 and self._allocate_or_preempt(req, req.num_computed_tokens + n, scheduled, out):
@@ -245,7 +245,7 @@ class Scheduler:
         scheduled: set[str] = set()
         budgets = [max(self.cfg.token_budget, self.cfg.max_model_len)] * self.num_ranks
         for req in list(self.running):  # prompts being recomputed after a preemption
-            if req in self.running and not req.is_decode:
+            if req.status is Status.RUNNING and not req.is_decode:
                 if self._allocate_or_preempt(req, req.num_tokens, scheduled, out):
                     self._emit(out, req, req.num_missing_tokens, scheduled, budgets, tuple(self.ranks_of(req)))
         if not out.preempted:

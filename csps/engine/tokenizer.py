@@ -104,19 +104,29 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Text of the generated tokens, grown token by token without breaking multi-byte characters."""
+    """Text of the generated tokens, grown token by token without breaking multi-byte characters.
+
+    Each token decodes only a short window (vLLM's prefix/read offsets): the text of the tokens since
+    the last emitted boundary, with and without the new token. Both decodes start at the same token,
+    so tokenizers that treat a leading space specially agree with themselves, and the work per token
+    stays constant however long the output grows.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
         self.ids: list[int] = []
+        self.prefix_offset = 0  # the window's first token
+        self.read_offset = 0  # tokens before this one are already in ``text``
         self.text = ""
 
     def add(self, token_id: int) -> str:
         """Append a token; return the newly completed text (may be empty)."""
         self.ids.append(token_id)
-        full = self.tok.decode(self.ids)
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
-            return ""
-        delta = full[len(self.text):] if full.startswith(self.text) else full
-        self.text = full
+        prefix_text = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self.tok.decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # nothing printable yet (an incomplete UTF-8 sequence, a skipped special token)
+        delta = new_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
         return delta
