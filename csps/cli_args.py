@@ -23,6 +23,19 @@ def parse_len(text: str) -> int:
     return value
 
 
+def parse_time_budget(text: str) -> str | float:
+    t = text.strip().lower()
+    if t in ("auto", "off"):
+        return t
+    try:
+        value = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a step time budget: {text!r} (auto, off or milliseconds)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the step time budget must be positive: {text!r}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2",
@@ -38,6 +51,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sp-threshold", type=parse_len, default=4096,
                    help="prompts longer than this run sequence-parallel")
     g.add_argument("--token-budget", type=parse_len, default=512, help="tokens per rank per step")
+    g.add_argument("--step-time-budget-ms", type=parse_time_budget, default="auto", metavar="auto|off|MS",
+                   help="size prefill chunks so a step's predicted time stays within this budget (the token "
+                        "budget stays an upper bound); auto: the time of the step's decodes plus one fresh "
+                        "token-budget chunk, so chunks on a long cache shrink; off: the token budget alone")
     g.add_argument("--max-model-len", type=parse_len, default=None, help="context limit (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--block-size", type=int, default=16)
@@ -54,4 +71,6 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         max_num_seqs=a.max_num_seqs, block_size=a.block_size,
         kv_cache_bytes=int(a.kv_cache_gb * 2**30) if a.kv_cache_gb else None,
         enable_prefix_caching=not a.no_prefix_caching, schedule_policy=a.schedule_policy, seed=a.seed,
+        adaptive_chunking=a.step_time_budget_ms != "off",
+        step_time_budget_ms=a.step_time_budget_ms if isinstance(a.step_time_budget_ms, float) else None,
     )

@@ -98,6 +98,12 @@ class SchedulerConfig:
     max_model_len: int = 8192
     max_waiting: int = 1024  # the server answers 429 beyond this
     policy: str = "stall-free"  # stall-free | prefill-first
+    # Medha's adaptive chunking: in steps that carry decodes, prefill chunks shrink so the step's predicted
+    # time stays within a budget (the token budget stays an upper bound); the budget is step_time_budget_ms,
+    # or, when None, the time of the step's decodes plus one fresh token-budget chunk (so a chunk on a long
+    # cache costs no more than a fresh one)
+    adaptive_chunking: bool = True
+    step_time_budget_ms: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.policy in ("stall-free", "prefill-first"),
@@ -105,6 +111,8 @@ class SchedulerConfig:
         _check(self.token_budget > 0, f"token budget must be positive, got {self.token_budget}")
         _check(self.max_num_seqs > 0, "max_num_seqs must be positive")
         _check(self.max_model_len > 0, "max_model_len must be positive")
+        _check(self.step_time_budget_ms is None or self.step_time_budget_ms > 0,
+               f"step_time_budget_ms must be positive, got {self.step_time_budget_ms}")
 
 
 @dataclass(frozen=True)

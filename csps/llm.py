@@ -20,6 +20,8 @@ def make_engine_config(
     kv_cache_bytes: int | None = None,
     enable_prefix_caching: bool = True,
     schedule_policy: str = "stall-free",
+    adaptive_chunking: bool = True,
+    step_time_budget_ms: float | None = None,
     sp: int = 1,
     tp: int = 1,
     sp_attn: str = "ring",
@@ -36,7 +38,8 @@ def make_engine_config(
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(token_budget=token_budget, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len or 1, policy=schedule_policy,
-                                  max_waiting=max_waiting),
+                                  max_waiting=max_waiting, adaptive_chunking=adaptive_chunking,
+                                  step_time_budget_ms=step_time_budget_ms),
         parallel=ParallelConfig(sp=sp, tp=tp, sp_attn=sp_attn, sp_exchange=sp_exchange,
                                 sp_threshold_tokens=sp_threshold_tokens),
     )

@@ -29,6 +29,7 @@ from csps.core.scheduler import Scheduler, SchedulerOutput
 from csps.errors import CspsError
 from csps.perf.cost_model import EXCHANGES, StepShape, predict_step
 from csps.perf.hardware import HardwareProfile
+from csps.perf.step_timer import StepTimer
 
 DECODE_MODES = ("pass_q", "move_kv")
 FAKE_TOKEN_ID = 3
@@ -45,6 +46,8 @@ class Strategy:
     policy: str = "stall-free"  # stall-free | prefill-first
     token_budget: int = 512  # tokens per SP rank per step
     sp_threshold_tokens: int | None = 4096  # longer prompts are sequence-parallel
+    adaptive_chunking: bool = True  # prefill chunks sized to a step time budget, as the engine does
+    step_time_budget_ms: float | None = None  # None: the decodes plus one fresh token-budget chunk
 
     def __post_init__(self) -> None:
         if self.sp < 1 or self.tp < 1:
@@ -106,15 +109,10 @@ class SimRun:
 
 
 def step_shape(out: SchedulerOutput, num_ranks: int, strategy: Strategy) -> StepShape:
-    prefills, decodes = [], []
-    for c in out.chunks:
-        degree = num_ranks if c.sp else 1
-        if c.is_decode and degree > 1 and strategy.decode == "move_kv":
-            prefills.append((1, c.start, degree))  # the KV comes to the query: a one-token ring
-        elif c.is_decode:
-            decodes.append((c.start + 1, degree))
-        else:
-            prefills.append((c.num_tokens, c.start, degree))
+    prefills, decodes = out.items(num_ranks)
+    if strategy.decode == "move_kv":  # the KV comes to the query: a one-token pass-KV ring
+        prefills += tuple((1, ctx - 1, degree) for ctx, degree in decodes if degree > 1)
+        decodes = tuple(d for d in decodes if d[1] == 1)
     return StepShape(prefills=prefills, decodes=decodes, exchange=strategy.exchange, tp=strategy.tp,
                      num_sp_ranks=num_ranks)
 
@@ -133,8 +131,11 @@ def _scheduler(specs: list[RequestSpec], strategy: Strategy, model: ModelConfig,
            for _ in range(strategy.sp)]
     budget = max(block_size, strategy.token_budget - strategy.token_budget % block_size)
     cfg = SchedulerConfig(token_budget=budget, max_num_seqs=max_num_seqs, max_model_len=max_len,
-                          policy=strategy.policy)
-    return Scheduler(cfg, kvs, sp_threshold_tokens=strategy.sp_threshold_tokens if strategy.sp > 1 else None)
+                          policy=strategy.policy, adaptive_chunking=strategy.adaptive_chunking,
+                          step_time_budget_ms=strategy.step_time_budget_ms)
+    timer = StepTimer(model, hw, dtype_bytes, num_sp_ranks=strategy.sp, tp=strategy.tp, exchange=strategy.exchange)
+    return Scheduler(cfg, kvs, sp_threshold_tokens=strategy.sp_threshold_tokens if strategy.sp > 1 else None,
+                     step_timer=timer)
 
 
 def simulate(specs: list[RequestSpec], strategy: Strategy, model: ModelConfig, hw: HardwareProfile,

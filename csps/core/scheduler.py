@@ -14,6 +14,12 @@ prefix, else the least loaded). A long one (prompt above ``sp_threshold_tokens``
 for one rank) is sequence-parallel: each of its chunks is spread zigzag over all SP ranks, so one
 step's prefill spans every rank while each rank's share stays within its budget.
 
+Adaptive chunking (Medha): with a step timer (the cost model, given by the engine or the simulator)
+each prefill chunk of a step that carries decodes is also the largest whole number of blocks whose
+step stays within a time budget — fixed, or by default the predicted time of the step's decodes plus
+one fresh token-budget chunk, so a chunk on top of a long cache is cut to cost what a fresh chunk
+costs. The first prefill of a step always gets at least one block (progress); later ones may get none.
+
 ``policy="prefill-first"`` is the vLLM/Orca baseline Sarathi-Serve compares against: whole prompts
 run as soon as they arrive and decodes wait for them.
 """
@@ -28,6 +34,11 @@ from csps.config import SchedulerConfig, check_token_budget
 from csps.core import kv_placement as kp
 from csps.core.kv_cache import KVCacheManager
 from csps.core.request import Request, Status
+
+Prefills = tuple[tuple[int, int, int], ...]  # (new tokens, cached tokens, sp degree)
+Decodes = tuple[tuple[int, int], ...]  # (context length with the new token, sp degree)
+# predicted seconds of a step made of these prefill chunks and decodes (csps.perf.step_timer.StepTimer)
+StepTimeFn = Callable[[Prefills, Decodes], float]
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,22 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.chunks
 
+    def items(self, num_ranks: int) -> tuple[Prefills, Decodes]:
+        """The step as the cost model sees it: prefill chunks and decodes with their SP degree."""
+        prefills, decodes = [], []
+        for c in self.chunks:
+            degree = num_ranks if c.sp else 1
+            if c.is_decode:
+                decodes.append((c.start + 1, degree))
+            else:
+                prefills.append((c.num_tokens, c.start, degree))
+        return tuple(prefills), tuple(decodes)
+
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, kvs: list[KVCacheManager] | KVCacheManager,
-                 sp_threshold_tokens: int | None = None) -> None:
+                 sp_threshold_tokens: int | None = None, step_timer: StepTimeFn | None = None) -> None:
+        """``step_timer``: enables adaptive chunking (with ``cfg.adaptive_chunking``)."""
         self.cfg = cfg
         self.kvs = [kvs] if isinstance(kvs, KVCacheManager) else list(kvs)
         self.kv = self.kvs[0]
@@ -80,6 +103,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.step_id = 0
         self.watermark_blocks = max(1, self.kv.pool.num_blocks // 100)
+        self.step_timer = step_timer if cfg.adaptive_chunking else None
+        self._prefills: list[tuple[int, int, int]] = []  # this step's items so far, for the timer
+        self._decodes: list[tuple[int, int]] = []
+        self._budget_s: float | None = None  # this step's time budget (None: token budget only)
 
     # -- placement -------------------------------------------------------------------------
     def is_sp(self, req: Request) -> bool:
@@ -152,7 +179,11 @@ class Scheduler:
 
     # -- helpers ---------------------------------------------------------------------------
     def _chunk_size(self, req: Request, start: int, remaining: int, budgets: list[int]) -> int:
-        """Largest chunk (all of ``remaining``, else a block multiple) whose shares fit the budgets."""
+        """Largest chunk (all of ``remaining``, else a block multiple) whose shares fit the token
+        budgets and whose step fits the time budget."""
+        return self._time_limit(req, start, self._token_limit(req, start, remaining, budgets))
+
+    def _token_limit(self, req: Request, start: int, remaining: int, budgets: list[int]) -> int:
         bs = self.block_size
         if not self.is_sp(req):
             b = budgets[req.owner_rank]
@@ -164,6 +195,40 @@ class Scheduler:
         while n > 0 and any(s > b for s, b in zip(self.shares(req, start, start + n), budgets)):
             n -= bs
         return n
+
+    def _time_limit(self, req: Request, start: int, n: int) -> int:
+        """The largest of n, or a whole number of blocks below it, whose step the timer predicts within
+        this step's time budget (binary search); at least one block for a step's first prefill."""
+        if self._budget_s is None or n <= 0:
+            return n
+        degree = self.num_ranks if self.is_sp(req) else 1
+        prefills, decodes = tuple(self._prefills), tuple(self._decodes)
+
+        def fits(m: int) -> bool:
+            return self.step_timer(prefills + ((m, start, degree),), decodes) <= self._budget_s
+
+        if fits(n):
+            return n
+        bs = self.block_size
+        lo = 0 if self._prefills else 1  # in blocks; the first prefill of a step always progresses
+        hi = (n - 1) // bs
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid * bs):
+                lo = mid
+            else:
+                hi = mid - 1
+        return min(n, lo * bs)
+
+    def _start_time_budget(self) -> None:
+        """After the decodes are in: this step's time budget for its prefill chunks (only a step with
+        decodes has one: with nobody waiting for a token, a long prompt takes whole chunks)."""
+        if self.step_timer is None or not self._decodes:
+            self._budget_s = None
+        elif self.cfg.step_time_budget_ms is not None:
+            self._budget_s = self.cfg.step_time_budget_ms / 1e3
+        else:
+            self._budget_s = self.step_timer(((self.cfg.token_budget, 0, 1),), tuple(self._decodes))
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         self.running.remove(victim)
@@ -202,6 +267,11 @@ class Scheduler:
             req_id=req.req_id, start=start, num_tokens=n, is_decode=req.is_decode,
             samples=start + n == req.num_tokens, ranks=ranks, sp=self.is_sp(req)))
         scheduled.add(req.req_id)
+        degree = self.num_ranks if self.is_sp(req) else 1
+        if req.is_decode:
+            self._decodes.append((start + 1, degree))
+        else:
+            self._prefills.append((n, start, degree))
         for r, s in enumerate(self.shares(req, start, start + n)):
             budgets[r] -= s
             out.tokens_per_rank[r] += s
@@ -210,6 +280,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.step_id += 1
         out = SchedulerOutput(step_id=self.step_id, tokens_per_rank=[0] * self.num_ranks)
+        self._prefills, self._decodes, self._budget_s = [], [], None
         if self.cfg.policy == "prefill-first":
             self._schedule_prefill_first(out)
         else:
@@ -231,6 +302,7 @@ class Scheduler:
         budgets = [self.cfg.token_budget] * self.num_ranks
         scheduled: set[str] = set()
         self._schedule_decodes(out, budgets, scheduled)  # 1. every running decode
+        self._start_time_budget()
         for req in list(self.running):  # 2. the next chunk of partly prefilled prompts
             if req.status is not Status.RUNNING or req.req_id in scheduled or req.is_decode:
                 continue

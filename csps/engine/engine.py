@@ -37,6 +37,8 @@ from csps.engine.sampler import RequestSampler, SampleRow, sample
 from csps.engine.tokenizer import Tokenizer, load_tokenizer
 from csps.engine.weights import load_model_weights, memory_available_bytes
 from csps.errors import CspsError, RequestError
+from csps.perf.hardware import load_or_probe
+from csps.perf.step_timer import StepTimer
 
 log = logging.getLogger("csps.engine")
 
@@ -105,8 +107,10 @@ class Engine:
         self.pools = [BlockPool(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
                       for _ in range(self.num_sp_ranks)]
         self.kvs = [KVCacheManager(p) for p in self.pools]
+        self.step_timer = self._make_step_timer() if config.scheduler.adaptive_chunking else None
         self.scheduler = Scheduler(config.scheduler, self.kvs,
-                                   config.parallel.sp_threshold_tokens if self.num_sp_ranks > 1 else None)
+                                   config.parallel.sp_threshold_tokens if self.num_sp_ranks > 1 else None,
+                                   self.step_timer)
         self.plans = PlanBuilder(self.kvs, config.cache.block_size, self.exchange.choose if self.exchange else None)
         self.states: dict[str, OutputState] = {}
         self.samplers: dict[str, RequestSampler] = {}  # per request: its seed's generator, penalty state
@@ -140,6 +144,17 @@ class Engine:
             self.exchange = ExchangePolicy.calibrate(model_cfg, dtype_bytes(self.config.dtype), p.sp, p.tp, link,
                                                      torch.get_num_threads(), forced)
         self._last_bytes: dict[str, int] = {}
+
+    def _make_step_timer(self) -> StepTimer:
+        """The cost model on this machine's probed profile (cached per machine), for adaptive chunking."""
+        p = self.config.parallel
+        profile = self.exchange.profile if self.exchange is not None else load_or_probe(
+            num_threads=torch.get_num_threads(), dtype_bytes=dtype_bytes(self.config.dtype))
+        budget = self.config.scheduler.step_time_budget_ms
+        log.info("prefill chunks sized to a step time budget of %s (cost model on %s, corrected by measured steps)",
+                 f"{budget:g} ms" if budget else "the decodes plus one fresh token-budget chunk", profile.name)
+        return StepTimer(self.model_config, profile, dtype_bytes(self.config.dtype), num_sp_ranks=p.sp, tp=p.tp,
+                         exchange="ulysses" if p.sp_attn == "ulysses" else "auto")
 
     @property
     def rank_group(self):
@@ -253,6 +268,8 @@ class Engine:
         self.scheduler.complete_step(out)
         outputs = self._process_samples(out, logits, sample_order(plans))
         t1 = time.perf_counter()
+        if self.step_timer is not None and out.num_prefill_tokens:
+            self.step_timer.observe(*out.items(self.num_sp_ranks), t1 - t0)
         record = StepRecord(out.step_id, t0, t1 - t0, out.num_prefill_tokens, out.num_decode_tokens,
                             len(out.chunks), len(out.preempted), self.step_bytes(), kv_used)
         self.step_log.append(record)
