@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger("csps.kernels")
 
-SOURCES = ("paged_decode.cpp",)
+SOURCES = ("paged_decode.cpp", "threads.cpp")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 
@@ -100,6 +100,14 @@ def load() -> str | None:
 
 def available() -> bool:
     return load() is None
+
+
+def bind_threads(cpus: list[int]) -> bool:
+    """Pin torch's OpenMP threads to ``cpus``, thread i to cpus[i % len]; False without the kernels."""
+    if not available():
+        return False
+    torch.ops.csps.bind_threads(list(cpus))
+    return True
 
 
 def main() -> int:

@@ -145,3 +145,17 @@ def test_rank_block_tables_rows_follow_plans():
     assert rt["a"] == [3, 4, 9] and "b" not in rt.row_of and rt.tensor[1 - rt.row_of["a"]].tolist() == [0] * 4
     with pytest.raises(ValueError, match="beyond"):
         rt.apply(StepPlan(step_id=3, seqs=[w("a", [10, 11])]))
+
+
+def test_an_engine_pins_its_threads_and_gives_the_cpus_back():
+    import os
+
+    from csps import LLM
+
+    before = os.sched_getaffinity(0)
+    with LLM("dummy:tiny", dtype="float32", max_model_len=256) as llm:
+        threads = torch.get_num_threads()
+        if len(before) >= threads:  # the main thread is compute thread 0: pinned to the first CPU
+            assert os.sched_getaffinity(0) == {sorted(before)[0]}
+        assert llm.generate([[5, 6, 7]], use_tqdm=False)[0].token_ids
+    assert os.sched_getaffinity(0) == before

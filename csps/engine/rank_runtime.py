@@ -18,6 +18,7 @@ import torch
 
 from csps.core.plan import SeqWork, StepPlan, ranges_to_list
 from csps.core.tp_shard import TPShard
+from csps.device import cpu_binding
 from csps.dtypes import torch_dtype
 from csps.engine.block_tables import RankBlockTables
 from csps.engine.exchange import measure_link
@@ -71,7 +72,18 @@ class RankRuntime:
         self.tables = RankBlockTables(-(-config.scheduler.max_model_len // config.cache.block_size))
         self.heads = HeadGroups.of(self.model.num_local_heads, self.model.num_local_kv_heads, self.model.kv_head_map)
         cpu_ext.load()  # build or load the C++ CPU kernels now, not in the first step (logged; may fall back)
+        self._pin_threads()
         self.fault = config.debug_fault  # (world rank, step id): tests inject a failure
+
+    def _pin_threads(self) -> None:
+        """Pin this rank's compute threads to its own CPUs (``csps.device.cpu_binding``)."""
+        g = self.groups
+        local_rank = int(os.environ.get("LOCAL_RANK", g.world_rank))
+        num_local = int(os.environ.get("LOCAL_WORLD_SIZE", g.world_size))
+        cpus = cpu_binding(local_rank, num_local, torch.get_num_threads())
+        if cpus is not None and cpu_ext.bind_threads(cpus):
+            log.info("rank %d: %d compute thread(s) pinned to CPU %s", g.world_rank, len(cpus),
+                     ",".join(map(str, cpus)))
 
     def handshake(self) -> LinkProfile | None:
         """Collective start-up: measure the SP link (every rank takes part)."""

@@ -67,6 +67,7 @@ class RankWorld:
         self.rank_group = None  # local child processes (None at world size 1 and under torchrun)
         self.owns_group = False  # this engine initialized torch.distributed and must tear it down
         self.threads_before = torch.get_num_threads()
+        self.cpus_before = os.sched_getaffinity(0)  # the rank runtime pins this thread; close() restores it
         self.world = None  # rank 0's world Comm, once the runtime is built
         self.dead: str | None = None
 
@@ -124,4 +125,5 @@ class RankWorld:
             except Exception:  # noqa: BLE001
                 pass
             torch.set_num_threads(self.threads_before)
+        os.sched_setaffinity(0, self.cpus_before)
         self.world = None
