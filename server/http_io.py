@@ -7,6 +7,7 @@ import json
 from typing import TypeVar
 
 from csps.server.errors import APIError, bad_request, describe_validation_error
+from csps.server.sse_keepalive import with_keepalive
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -100,10 +101,11 @@ def gone_response() -> JSONResponse:
 
 class EngineStream(StreamingResponse):
     """An SSE response that always runs ``on_close`` (e.g. abort the engine requests), also when the
-    client disconnects before the body iterator has started."""
+    client disconnects before the body iterator has started, and that sends a keepalive comment whenever
+    nothing was sent for ``keepalive_s`` seconds (from the moment the request was accepted)."""
 
-    def __init__(self, content, on_close) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, content, on_close, keepalive_s: float) -> None:
+        super().__init__(with_keepalive(content, keepalive_s), media_type="text/event-stream", headers=SSE_HEADERS)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
