@@ -61,7 +61,7 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
     g.add_argument("--api-key", default=os.environ.get("CSPS_API_KEY"),
-                   help="require 'Authorization: Bearer <key>' on /v1/*, /tokenize, /detokenize "
+                   help="require 'Authorization: Bearer <key>' on /v1/*, /infill, /completion, /tokenize, /detokenize "
                         "(default: $CSPS_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     g.add_argument("--max-body-bytes", type=parse_bytes, default=32 << 20, help="larger request bodies get 413")

@@ -19,7 +19,7 @@ class ServerConfig:
     engine_kwargs: dict = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # when set, /v1/*, /tokenize and /detokenize need 'Authorization: Bearer <key>'
+    api_key: str | None = None  # when set, all but the probes, /metrics and the API docs need 'Bearer <key>'
     served_model_name: str | None = None  # default: the --model value
     max_body_bytes: int = 32 << 20
     max_waiting: int = 1024  # requests queued in the engine beyond this get 429
