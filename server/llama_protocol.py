@@ -15,6 +15,7 @@ from typing import Union
 
 from pydantic import ConfigDict, Field, model_validator
 
+from csps.server import schema_rules
 from csps.server.protocol import Strict
 
 # llama.cpp options csps does not implement, with the value that means "off" (accepted)
@@ -87,8 +88,18 @@ class LlamaSampling(Strict):
                 "n_indent": self.n_indent, "t_max_predict_ms": self.t_max_predict_ms, "cache_prompt": True}
 
 
+def _schema(schema: dict) -> None:
+    schema_rules.llama(schema, UNSUPPORTED_UNLESS)
+
+
+def _completion_schema(schema: dict) -> None:
+    _schema(schema)
+    schema["properties"]["prompt"]["anyOf"] = [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1,
+                                                                    "items": {"type": "integer"}}]
+
+
 class LlamaCompletionRequest(LlamaSampling):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_completion_schema)
 
     prompt: Union[str, list[int]]
 
@@ -105,7 +116,7 @@ class ExtraFile(Strict):
 
 
 class InfillRequest(LlamaSampling):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_schema)
 
     input_prefix: str = ""  # the code before the cursor
     input_suffix: str = ""  # the code after the cursor

@@ -214,6 +214,10 @@ def test_openapi_documents_the_llama_endpoints(http):
         assert field in s["properties"] and s["additionalProperties"] is False
         assert s["properties"]["n_predict"]["maximum"] == MAX_MODEL_LEN - 1 and s["properties"]["n_predict"][
             "minimum"] == -1
+        # what the validators enforce beyond the field types: samplers csps lacks only 'off', progress only streamed
+        assert s["properties"]["mirostat"]["const"] == 0 and s["properties"]["typical_p"]["const"] == 1.0
+        assert {"if": {"required": ["return_progress"], "properties": {"return_progress": {"const": True}}},
+                "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}} in s["allOf"]
     assert schemas["InfillRequest"]["description"] == "fill-in-the-middle with the 'starcoder' template"
     assert schemas["ExtraFile"]["required"] == ["text"]
 
