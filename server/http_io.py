@@ -102,13 +102,14 @@ def gone_response() -> JSONResponse:
 class EngineStream(StreamingResponse):
     """An SSE response that always runs ``on_close`` (e.g. abort the engine requests), also when the
     client disconnects before the body iterator has started, and that sends a keepalive comment whenever
-    nothing was sent for ``keepalive_s`` seconds (from the moment the request was accepted)."""
+    nothing was sent for the server's ``--sse-keepalive-interval`` (from the moment the request was accepted)."""
 
-    def __init__(self, content, on_close, keepalive_s: float) -> None:
-        super().__init__(with_keepalive(content, keepalive_s), media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, content, on_close) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        self.body_iterator = with_keepalive(self.body_iterator, scope["app"].state.cfg.sse_keepalive_interval_s)
         try:
             await super().__call__(scope, receive, send)
         finally:

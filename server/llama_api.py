@@ -186,7 +186,7 @@ async def run(request: Request, req: LlamaSampling, spec: dict, fim: bool):
         finally:
             sub.close()
 
-    return EngineStream(events(), on_close=sub.close, keepalive_s=state.cfg.sse_keepalive_interval_s)
+    return EngineStream(events(), on_close=sub.close)
 
 
 @router.post("/completion", openapi_extra=body(LlamaCompletionRequest, streams=True))

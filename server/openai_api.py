@@ -160,7 +160,7 @@ async def create_completion(request: Request):
             sub.close()
         yield SSE_DONE
 
-    return EngineStream(events(), on_close=sub.close, keepalive_s=state.cfg.sse_keepalive_interval_s)
+    return EngineStream(events(), on_close=sub.close)
 
 
 @router.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest, streams=True))
@@ -216,4 +216,4 @@ async def create_chat_completion(request: Request):
             sub.close()
         yield SSE_DONE
 
-    return EngineStream(events(), on_close=sub.close, keepalive_s=state.cfg.sse_keepalive_interval_s)
+    return EngineStream(events(), on_close=sub.close)

@@ -119,4 +119,4 @@ async def summarize(request: Request):
                 getter.cancel()
         yield SSE_DONE
 
-    return EngineStream(stream(), on_close=task.cancel, keepalive_s=state.cfg.sse_keepalive_interval_s)
+    return EngineStream(stream(), on_close=task.cancel)
