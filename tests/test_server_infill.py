@@ -86,6 +86,16 @@ def test_infill_warm_up_then_the_completion_starts_from_the_cache(http):
     assert real["tokens_cached"] > 1000 and real["tokens_predicted"] == 6
 
 
+def test_v1_completions_suffix_uses_the_same_template(http):
+    pre, suf = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    openai_style = http.post("/v1/completions", json={"prompt": pre, "suffix": suf, "max_tokens": 2}).json()
+    llama_style = http.post("/infill", json={"input_prefix": pre, "input_suffix": suf, "n_predict": 2}).json()
+    # each piece tokenized on its own; the markers are text here (SmolLM2's vocabulary has no FIM tokens)
+    pieces = ["<fim_prefix>", pre, "<fim_suffix>", suf, "<fim_middle>"]
+    expected = sum(http.post("/tokenize", json={"prompt": p}).json()["count"] for p in pieces)
+    assert openai_style["usage"]["prompt_tokens"] == llama_style["tokens_evaluated"] == expected
+
+
 def test_streamed_infill_in_llama_cpps_shape(http):
     body = {**INFILL, "input_prefix": "class Shape:\n    "}
     http.post("/infill", json=body)  # the same prefix-cache state for the two compared below
