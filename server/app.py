@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from csps.server import openai_api, openapi, summarize_api
+from csps.server import llama_api, openai_api, openapi, summarize_api
 from csps.server.config import ServerConfig
 from csps.server.engine_client import READY, EngineClient
 from csps.server.errors import APIError, describe_validation_error
@@ -24,6 +24,7 @@ from csps.server.metrics import ServerMetrics
 from csps.server.metrics_vllm import VllmMetrics
 from csps.server.middleware import OPEN_PATHS, GuardMiddleware
 from csps.server.openai_api import check_model
+from csps.server.llama_protocol import InfillRequest, LlamaCompletionRequest
 from csps.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SummarizeRequest,
                                   TokenizeRequest)
 from csps.server.request_id import RequestIdMiddleware
@@ -84,6 +85,7 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
     app.state.run = run_state
     app.include_router(openai_api.router)
     app.include_router(summarize_api.router)
+    app.include_router(llama_api.router)
 
     def count_error(status: int) -> None:
         metrics.http_errors.labels(cfg.model_name, str(status)).inc()
@@ -102,7 +104,7 @@ def create_app(cfg: ServerConfig, run_state: ServerState | None = None) -> FastA
         return schema_limits if client.state == READY and schema_limits else None
 
     openapi.install(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-                          SummarizeRequest], api_key=cfg.api_key is not None, open_paths=OPEN_PATHS,
+                          SummarizeRequest, InfillRequest, LlamaCompletionRequest], api_key=cfg.api_key is not None, open_paths=OPEN_PATHS,
                     engine_limits=engine_limits)
 
     @app.exception_handler(APIError)

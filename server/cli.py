@@ -11,6 +11,7 @@ from csps.server.config_file import (
     StoreConst,
     track_explicit_flags,
 )
+from csps.server.fim import CHOICES as FIM_CHOICES
 
 
 def parse_bytes(text: str) -> int:
@@ -23,6 +24,16 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512k, 32M)") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
 
 
@@ -50,7 +61,7 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
     g.add_argument("--api-key", default=os.environ.get("CSPS_API_KEY"),
-                   help="require 'Authorization: Bearer <key>' on /v1/*, /tokenize, /detokenize "
+                   help="require 'Authorization: Bearer <key>' on /v1/*, /infill, /completion, /tokenize, /detokenize "
                         "(default: $CSPS_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     g.add_argument("--max-body-bytes", type=parse_bytes, default=32 << 20, help="larger request bodies get 413")
@@ -68,6 +79,12 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
                    help="also export vLLM's metric names (vllm:time_to_first_token_seconds, ...) on /metrics")
     g.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line (with request_id inside requests)")
+    g.add_argument("--sse-keepalive-interval", type=positive_seconds, default=15.0, metavar="SECONDS",
+                   help="send a ': keepalive' SSE comment on a stream that sent nothing for this long (proxies "
+                        "cut idle connections; a long prefill sends nothing else)")
+    g.add_argument("--fim-template", choices=FIM_CHOICES, default="auto",
+                   help="fill-in-the-middle template for /infill and suffix: auto (from the tokenizer's vocabulary), "
+                        "none, or force one (markers the vocabulary lacks are tokenized as text)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -86,6 +103,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        engine_start_timeout_s=a.engine_start_timeout,
                        summarize_concurrency=a.summarize_concurrency, access_log=a.access_log,
                        allowed_origins=tuple(a.allowed_origins), metrics_compat=a.metrics_compat,
-                       log_format=a.log_format)
+                       log_format=a.log_format, sse_keepalive_interval_s=a.sse_keepalive_interval,
+                       fim_template=a.fim_template)
     setup_logging(cfg.log_format, cfg.log_level)
     return serve(cfg)

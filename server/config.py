@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from csps.errors import CspsError
+from csps.server.fim import CHOICES as FIM_CHOICES
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -18,7 +19,7 @@ class ServerConfig:
     engine_kwargs: dict = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # when set, /v1/*, /tokenize and /detokenize need 'Authorization: Bearer <key>'
+    api_key: str | None = None  # when set, all but the probes, /metrics and the API docs need 'Bearer <key>'
     served_model_name: str | None = None  # default: the --model value
     max_body_bytes: int = 32 << 20
     max_waiting: int = 1024  # requests queued in the engine beyond this get 429
@@ -33,6 +34,8 @@ class ServerConfig:
     log_format: str = "text"  # text | json (one object per line, with the request id inside requests)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ('*': any)
     metrics_compat: str | None = None  # 'vllm': also export vLLM's metric names
+    sse_keepalive_interval_s: float = 15.0  # a ': keepalive' comment line on a stream silent this long
+    fim_template: str = "auto"  # auto (from the vocabulary) | none | a name in csps.server.fim.TEMPLATES
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
@@ -47,6 +50,10 @@ class ServerConfig:
         _check(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
         _check(self.metrics_compat in (None, "vllm"), f"metrics_compat must be vllm, got {self.metrics_compat!r}")
         _check(all(isinstance(o, str) and o for o in self.allowed_origins), "allowed_origins must be non-empty strings")
+        _check(self.sse_keepalive_interval_s > 0,
+               f"sse_keepalive_interval_s must be positive, got {self.sse_keepalive_interval_s}")
+        _check(self.fim_template in FIM_CHOICES,
+               f"fim_template must be one of {', '.join(FIM_CHOICES)}, got {self.fim_template!r}")
 
     @property
     def model_name(self) -> str:

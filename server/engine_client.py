@@ -49,7 +49,8 @@ class Submission:
         self.queue.put_nowait(item)
 
     async def items(self):
-        """Yield (choice index, item) until every choice has finished; 503 if the engine dies."""
+        """Yield (choice index, item) until every choice has finished; 503 if the engine dies. An item is a
+        token delta (text, ids, done, ...) or, when asked for at submission, prefill progress (progress)."""
         while self.unfinished or not self.queue.empty():
             item = await self.queue.get()
             if "error" in item:
@@ -96,7 +97,7 @@ class EngineClient:
         self.pull.bind(from_engine)
         spec = {"engine_kwargs": self.cfg.engine_kwargs, "to_engine": to_engine, "from_engine": from_engine,
                 "max_waiting": self.cfg.max_waiting, "parent_pid": os.getpid(), "log_level": self.cfg.log_level,
-                "log_format": self.cfg.log_format}
+                "log_format": self.cfg.log_format, "fim_template": self.cfg.fim_template}
         # PYTHONSAFEPATH: the working directory must not shadow installed packages (a repository checkout's
         # kernels/ folder would shadow the 'kernels' package transformers imports)
         self.proc = subprocess.Popen([sys.executable, "-m", "csps.server.engine_proc", json.dumps(spec)],
@@ -171,6 +172,10 @@ class EngineClient:
     def _dispatch(self, msg: dict) -> None:
         kind = msg["type"]
         if kind == ipc.OUT:
+            for p in msg.get("progress", ()):  # before the step's tokens: a prefill ends before its first token
+                sub = self.by_rid.get(p["rid"])
+                if sub is not None:
+                    sub.put(p)
             for it in msg["items"]:
                 sub = self.by_rid.get(it["rid"])
                 if sub is not None:
@@ -235,13 +240,14 @@ class EngineClient:
         if self.state == STOPPED:
             raise engine_unavailable("the server is shutting down", "shutting_down")
 
-    async def submit(self, prompts: list[dict], params: dict, n: int = 1) -> Submission:
-        """Queue prompts × n choices in the engine; 400/429/503 APIError if it refuses."""
+    async def submit(self, prompts: list[dict], params: dict, n: int = 1, progress: bool = False) -> Submission:
+        """Queue prompts × n choices in the engine; 400/429/503 APIError if it refuses. ``progress``: the
+        submission's items include prefill progress ({rid, progress: {total, cached, processed, time_ms}})."""
         self.check_available()
         sub = Submission(self, uuid.uuid4().hex[:16])
         self.subs[sub.gid] = sub
         sent = self._send({"type": ipc.ADD, "gid": sub.gid, "prompts": prompts, "n": n, "params": params,
-                           "arrival_s": time.perf_counter()})
+                           "arrival_s": time.perf_counter(), "progress": progress})
         if not sent:
             self.subs.pop(sub.gid, None)
             raise engine_unavailable("the engine is not reachable", "engine_unreachable")

@@ -17,8 +17,9 @@ import time
 import traceback
 
 import zmq
-from csps.server import ipc
+from csps.server import fim, ipc
 from csps.server.logs import setup_logging
+from csps.server.prompt_progress import PromptProgress
 
 from csps.core.sampling_params import SamplingParams
 from csps.errors import CspsError, RequestError
@@ -67,16 +68,33 @@ def _metrics(m) -> dict:
 
 
 class EngineServer:
-    def __init__(self, engine, pull: zmq.Socket, push: zmq.Socket, max_waiting: int, parent_pid: int) -> None:
+    def __init__(self, engine, pull: zmq.Socket, push: zmq.Socket, max_waiting: int, parent_pid: int,
+                 fim_template: str = fim.AUTO) -> None:
         self.engine = engine
         self.pull = pull
         self.push = push
         self.max_waiting = max_waiting
         self.parent_pid = parent_pid
         self.token_text = TokenText(engine.tokenizer) if engine.tokenizer is not None else None
+        self.fim = self.choose_fim(fim_template)
+        self.progress = PromptProgress()
         self.rid_logprobs: set[str] = set()
         self.last_step_id = -1
         self.last_heartbeat_s = 0.0
+
+    def choose_fim(self, choice: str) -> fim.FimFormat | None:
+        tok = self.engine.tokenizer
+        if tok is None:
+            if choice not in (fim.AUTO, fim.NONE):
+                raise CspsError(f"--fim-template {choice} needs a tokenizer, and this model has none")
+            return None
+        out = fim.choose(tok.hf.get_vocab(), tok.hf.bos_token_id, choice)
+        if out is not None and out.missing:
+            log.warning("FIM template %s: %s are not tokens of this model's vocabulary; they are tokenized as "
+                        "text (the model was probably not trained with them)", out.name, " ".join(out.missing))
+        elif out is not None:
+            log.info("FIM template %s", out.name)
+        return out
 
     def send(self, msg: dict) -> None:
         self.push.send(ipc.pack(msg))
@@ -88,7 +106,8 @@ class EngineServer:
                 "max_model_len": e.max_model_len, "kv_capacity_tokens_per_rank": e.kv_capacity_tokens,
                 "kv_capacity_tokens": getattr(e, "total_kv_capacity_tokens", e.kv_capacity_tokens),
                 "sp": e.config.parallel.sp, "tp": e.config.parallel.tp,
-                "has_fim": bool(tok is not None and tok.has_fim), "vocab_size": e.model_config.vocab_size,
+                "has_fim": self.fim is not None, "fim": self.fim.name if self.fim else None,
+                "vocab_size": e.model_config.vocab_size,
                 "block_size": e.config.cache.block_size, "token_budget": e.config.scheduler.token_budget,
                 "max_num_seqs": e.config.scheduler.max_num_seqs, "pid": os.getpid()}
 
@@ -104,9 +123,11 @@ class EngineServer:
         if "messages" in spec:
             return tok.apply_chat_template(spec["messages"])
         if "fim" in spec:
-            if not tok.has_fim:
+            if self.fim is None:
                 raise RequestError("this model's tokenizer has no fill-in-the-middle tokens")
-            return tok.fim_prompt(*spec["fim"])
+            f = spec["fim"]
+            return self.fim.prompt(tok.encode, f["prefix"], f["suffix"], f.get("middle", ""),
+                                   [tuple(x) for x in f.get("extra", ())])
         raise RequestError("no prompt given")
 
     def check_length(self, ids: list[int], max_tokens: int | None) -> int:
@@ -128,6 +149,8 @@ class EngineServer:
         try:
             kw = dict(msg["params"])
             prompts = [self.prompt_ids(p) for p in msg["prompts"]]
+            if any("fim" in p for p in msg["prompts"]):  # an infill ends at the template's end and marker tokens
+                kw["stop_token_ids"] = sorted({*kw.get("stop_token_ids", ()), *self.fim.stop_token_ids})
             waiting = self.engine.stats()["num_waiting"]
             if waiting + len(prompts) * n > self.max_waiting:
                 self.send({"type": ipc.REJECTED, "gid": gid, "status": 429, "code": "queue_full", "param": None,
@@ -150,6 +173,8 @@ class EngineServer:
                 rids.append(rid)
                 if p.logprobs is not None:
                     self.rid_logprobs.add(rid)
+                if msg.get("progress"):
+                    self.progress.watch(rid, self.engine.scheduler.requests[rid])
             self.send({"type": ipc.ADDED, "gid": gid, "rids": rids, "prompt_tokens": [len(i) for i in prompts]})
         except CspsError as e:
             self.send({"type": ipc.REJECTED, "gid": gid, "status": 400, "message": str(e),
@@ -244,6 +269,7 @@ class EngineServer:
                 for rid in msg["rids"]:
                     self.engine.abort(rid)
                     self.rid_logprobs.discard(rid)
+                    self.progress.forget(rid)
             elif kind == ipc.RPC:
                 self.on_rpc(msg)
             elif kind == ipc.SHUTDOWN:
@@ -258,8 +284,10 @@ class EngineServer:
             if self.engine.has_unfinished():
                 outputs = self.engine.step()
                 steps = self.new_steps()
-                if outputs or steps:
-                    self.send({"type": ipc.OUT, "items": [self.item(o) for o in outputs], "steps": steps})
+                progress = self.progress.updates() if self.progress.watched else []
+                if outputs or steps or progress:
+                    self.send({"type": ipc.OUT, "items": [self.item(o) for o in outputs], "steps": steps,
+                               "progress": progress})
             self.heartbeat(time.monotonic())
             if os.getppid() != self.parent_pid:
                 log.warning("the API process is gone; engine exiting")
@@ -283,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(spec["engine_kwargs"])
         config = make_engine_config(**kw)
         engine = create_engine(config, max_model_len=kw.get("max_model_len"))
-        server = EngineServer(engine, pull, push, spec["max_waiting"], spec["parent_pid"])
+        server = EngineServer(engine, pull, push, spec["max_waiting"], spec["parent_pid"],
+                              spec.get("fim_template", fim.AUTO))
         server.send({"type": ipc.READY, "info": server.info()})
         server.run()
     except CspsError as e:

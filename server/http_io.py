@@ -7,6 +7,7 @@ import json
 from typing import TypeVar
 
 from csps.server.errors import APIError, bad_request, describe_validation_error
+from csps.server.sse_keepalive import with_keepalive
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -100,13 +101,15 @@ def gone_response() -> JSONResponse:
 
 class EngineStream(StreamingResponse):
     """An SSE response that always runs ``on_close`` (e.g. abort the engine requests), also when the
-    client disconnects before the body iterator has started."""
+    client disconnects before the body iterator has started, and that sends a keepalive comment whenever
+    nothing was sent for the server's ``--sse-keepalive-interval`` (from the moment the request was accepted)."""
 
     def __init__(self, content, on_close) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        self.body_iterator = with_keepalive(self.body_iterator, scope["app"].state.cfg.sse_keepalive_interval_s)
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -5,17 +5,19 @@ process, which connects. Each side only pushes; per-pipe ordering is FIFO, so th
 to an ``add`` always arrives before that request's first tokens.
 
 API -> engine
-  add       {gid, prompts: [prompt spec], n, params: SamplingParams fields, arrival_s, max_tokens_auto}
-            prompt spec: {text} | {ids} | {messages} | {fim: [prefix, suffix]}
+  add       {gid, prompts: [prompt spec], n, params: SamplingParams fields, arrival_s, progress}
+            prompt spec: {text} | {ids} | {messages} | {fim: {prefix, suffix, middle, extra: [[filename, text]]}}
+            progress: report each request's prefill progress in the out messages
   abort     {rids: [...]}
   rpc       {id, method: stats | tokenize | detokenize | count, args}
   shutdown  {}
 
 engine -> API
-  ready     {info: model, max_model_len, kv_capacity_tokens, sp, tp, has_fim, ...}
+  ready     {info: model, max_model_len, kv_capacity_tokens, sp, tp, has_fim, fim, ...}
   fatal     {message}                 the engine failed (at load or in a step) and is exiting
   added     {gid, rids, prompt_tokens} or rejected {gid, status, message, param, code}
-  out       {items: [output item], steps: [step record]}
+  out       {items: [output item], steps: [step record], progress: [{rid, progress: {total, cached, processed,
+            time_ms}}]}   progress of the requests that asked for it, sent before the step's items
   rpc       {id, result} or {id, error}
   heartbeat {stats}
 """

@@ -15,6 +15,7 @@ from csps.server.http_io import (
     unless_disconnected,
 )
 from csps.server.openapi import body
+from csps.server.prompt_progress import progress_body
 from csps.server.protocol import ChatCompletionRequest, CompletionRequest
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -77,6 +78,14 @@ def usage(sub, choices: list[Choice], n: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def require_fim(request: Request, what: str, param: str | None) -> None:
+    """400 unless the served model has a fill-in-the-middle template (see csps.server.fim)."""
+    if not request.app.state.client.info.get("has_fim"):
+        raise bad_request(f"{what} needs fill-in-the-middle tokens, and the tokenizer of "
+                          f"{request.app.state.cfg.model_name} has none (serve it with --fim-template NAME to "
+                          "force a template)", param=param, code="fim_unsupported")
+
+
 def check_model(request: Request, model: str | None) -> None:
     served = request.app.state.cfg.model_name
     if model is not None and model != served:
@@ -106,12 +115,11 @@ async def create_completion(request: Request):
     state = request.app.state
     check_model(request, req.model)
     state.client.check_available()
-    if req.suffix is not None and not state.client.info.get("has_fim"):
-        raise bad_request(f"'suffix' (fill-in-the-middle) needs FIM tokens, and the tokenizer of "
-                          f"{state.cfg.model_name} has none", param="suffix", code="fim_unsupported")
+    if req.suffix is not None:
+        require_fim(request, "'suffix' (fill-in-the-middle)", "suffix")
     specs = req.prompt_specs()
     params = req.sampling_kwargs(req.max_tokens, req.logprobs)
-    sub = await state.client.submit(specs, params, req.n)
+    sub = await state.client.submit(specs, params, req.n, progress=req.return_progress)
     rid, created, model = f"cmpl-{sub.gid}", int(time.time()), state.cfg.model_name
     choices = [Choice(i, req.logprobs is not None) for i in range(len(sub.rids))]
 
@@ -131,6 +139,9 @@ async def create_completion(request: Request):
         offsets = [0] * len(choices)
         try:
             async for idx, it in sub.items():
+                if "progress" in it:
+                    yield sse(obj([], prompt_progress=progress_body(it, idx if len(choices) > 1 else None), **extra))
+                    continue
                 c = choices[idx]
                 c.add(it)
                 if not (it["text"] or it.get("lp") or it["done"]):
@@ -160,7 +171,8 @@ async def create_chat_completion(request: Request):
     state.client.check_available()
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_kwargs(req.completion_max_tokens, top)
-    sub = await state.client.submit([{"messages": req.chat_messages()}], params, req.n)
+    sub = await state.client.submit([{"messages": req.chat_messages()}], params, req.n,
+                                    progress=req.return_progress)
     rid, created, model = f"chatcmpl-{sub.gid}", int(time.time()), state.cfg.model_name
     choices = [Choice(i, req.logprobs) for i in range(len(sub.rids))]
 
@@ -185,6 +197,10 @@ async def create_chat_completion(request: Request):
             for c in choices:
                 yield chunk(c.index, {"role": "assistant", "content": ""})
             async for idx, it in sub.items():
+                if "progress" in it:
+                    yield sse(obj("chat.completion.chunk", [], **extra,
+                                  prompt_progress=progress_body(it, idx if len(choices) > 1 else None)))
+                    continue
                 c = choices[idx]
                 c.add(it)
                 if it["text"] or it.get("lp"):

@@ -96,11 +96,12 @@ def apply_limits(schemas: dict, limits: dict) -> None:
         props = s.get("properties", {})
         if "model" in props:
             props["model"] = {**model_prop, "default": None}
-        for key in ("max_tokens", "max_completion_tokens"):  # (summarize's chunk_max_tokens is capped, not refused)
+        for key in ("max_tokens", "max_completion_tokens", "n_predict"):  # (summarize's chunk_max_tokens is capped)
             if key in props and name != "SummarizeRequest":
                 _set_in_any_of(props[key], "integer", maximum=room)
-                props[key]["description"] = (f"at most {room}; the prompt's tokens plus max_tokens must fit the "
-                                             f"context of {limits['max_model_len']} tokens (else 400)")
+                props[key]["description"] = (f"at most {room}; the prompt's tokens plus {key} must fit the "
+                                             f"context of {limits['max_model_len']} tokens (else 400); 0: prefill "
+                                             "only (the prompt is computed into the prefix cache)")
         if name == "SummarizeRequest" and limits.get("summary_max_tokens"):
             top = limits["summary_max_tokens"]
             props["max_tokens"].update(maximum=top, description="the summary's length; with the default instructions at most "
@@ -108,8 +109,12 @@ def apply_limits(schemas: dict, limits: dict) -> None:
         if name == "CompletionRequest" and not limits.get("has_fim"):
             props["suffix"] = {"type": "null", "default": None,
                                "description": "fill-in-the-middle: this model's tokenizer has no FIM tokens"}
+        if name == "InfillRequest":
+            s["description"] = (f"fill-in-the-middle with the '{limits['fim']}' template" if limits.get("has_fim") else
+                                "this model's tokenizer has no FIM tokens: /infill answers 400")
     token = {"type": "integer", "minimum": 0, "maximum": limits["vocab_size"] - 1}
-    for name, key in (("DetokenizeRequest", "tokens"), ("CompletionRequest", "prompt")):
+    for name, key in (("DetokenizeRequest", "tokens"), ("CompletionRequest", "prompt"),
+                      ("LlamaCompletionRequest", "prompt")):
         _set_token_items(schemas.get(name, {}).get("properties", {}).get(key), token)
 
 

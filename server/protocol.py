@@ -32,12 +32,13 @@ class SamplingRequest(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: prefill only (a warm-up of the prefix cache)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    return_progress: bool = False  # streamed: chunks with "choices": [] and prompt_progress during the prefill
     stop: Union[str, list[str], None] = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -58,13 +59,16 @@ class SamplingRequest(Strict):
             raise ValueError("logit_bias is not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.return_progress and not self.stream:
+            raise ValueError("return_progress is only allowed when stream is true")
         if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
             raise ValueError("stop strings must not be empty")
         return self
 
     def sampling_kwargs(self, max_tokens: int | None, logprobs: int | None) -> dict:
         """SamplingParams fields (validated here, rebuilt in the engine process)."""
-        kw = dict(max_tokens=max_tokens or 1, temperature=1.0 if self.temperature is None else self.temperature,
+        kw = dict(max_tokens=1 if max_tokens is None else max_tokens,
+                  temperature=1.0 if self.temperature is None else self.temperature,
                   top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
                   min_p=self.min_p or 0.0, seed=self.seed, stop=self.stop or (),
                   stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -96,7 +100,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
 
     @model_validator(mode="after")
     def _check(self):
@@ -124,7 +128,7 @@ class CompletionRequest(SamplingRequest):
             if self.suffix is not None:
                 if not isinstance(x, str):
                     raise bad_request("suffix needs a text prompt", param="suffix")
-                specs.append({"fim": [x, self.suffix]})
+                specs.append({"fim": {"prefix": x, "suffix": self.suffix}})
             else:
                 specs.append({"text": x} if isinstance(x, str) else {"ids": list(x)})
         return specs
@@ -151,7 +155,7 @@ class ChatCompletionRequest(SamplingRequest):
     model_config = ConfigDict(extra="forbid", json_schema_extra=schema_rules.chat)
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict] | None = None
@@ -177,7 +181,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     @property
     def completion_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
 
 class TokenizeRequest(Strict):
@@ -218,3 +222,10 @@ class SummarizeRequest(Strict):
     repetition_penalty: float = Field(1.1, gt=0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
+    return_progress: bool = False  # streamed: summary.prompt_progress events during the final pass's prefill
+
+    @model_validator(mode="after")
+    def _progress_needs_stream(self):
+        if self.return_progress and not self.stream:
+            raise ValueError("return_progress is only allowed when stream is true")
+        return self

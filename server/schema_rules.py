@@ -30,13 +30,18 @@ HAS_TEXT = {"required": ["content"], "properties": {"content": {"anyOf": [
     {"type": "array", "contains": {"properties": {"text": {"type": "string", "minLength": 1}}}}]}}}
 
 
+STREAMING = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+# return_progress: true only with stream: true
+PROGRESS_NEEDS_STREAM = {"if": {"required": ["return_progress"], "properties": {"return_progress": {"const": True}}},
+                         "then": STREAMING}
+
+
 def sampling(schema: dict) -> None:
     p = schema["properties"]
     p["logit_bias"]["maxProperties"] = 0  # only null or {}: logit_bias is not supported
     p["stop"].update(minLength=1, items={"type": "string", "minLength": 1})  # no empty stop strings
     # stream_options only with stream: true
-    _rules(schema, _if_set_then("stream_options", "object",
-                                {"required": ["stream"], "properties": {"stream": {"const": True}}}))
+    _rules(schema, _if_set_then("stream_options", "object", STREAMING), PROGRESS_NEEDS_STREAM)
 
 
 def completion(schema: dict) -> None:
@@ -75,3 +80,13 @@ def tokenize(schema: dict) -> None:
 def summarize(schema: dict) -> None:
     schema.setdefault("required", []).append("text")  # a JSON body must hold the document
     schema["properties"]["text"]["pattern"] = NOT_BLANK
+    _rules(schema, PROGRESS_NEEDS_STREAM)
+
+
+def llama(schema: dict, unsupported: dict) -> None:
+    """llama.cpp's /completion and /infill: ``unsupported`` samplers only at their 'off' value."""
+    p = schema["properties"]
+    p["stop"].update(minLength=1, items={"type": "string", "minLength": 1})
+    for name, off in unsupported.items():
+        p[name]["const"] = off
+    _rules(schema, PROGRESS_NEEDS_STREAM)

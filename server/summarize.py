@@ -14,6 +14,7 @@ import re
 import time
 
 from csps.server.errors import APIError, bad_request
+from csps.server.prompt_progress import progress_body
 from csps.server.protocol import SummarizeRequest
 
 INSTRUCTIONS = ("Write a summary of the document above in a few paragraphs. Cover the main people, events, "
@@ -83,11 +84,14 @@ class Summarizer:
                 "include_stop_str_in_output": False}
 
     async def generate(self, body: str, instruction: str, max_tokens: int, stream: bool = False) -> dict:
-        """One engine request; retried while the engine answers 429 (queue full)."""
+        """One engine request; retried while the engine answers 429 (queue full). ``stream``: the final
+        pass, whose deltas (and prefill progress, if asked for) become events."""
         deadline = time.monotonic() + RETRY_429_S
+        progress = stream and self.req.return_progress
         while True:
             try:
-                sub = await self.client.submit([{"messages": messages(body, instruction)}], self.params(max_tokens))
+                sub = await self.client.submit([{"messages": messages(body, instruction)}], self.params(max_tokens),
+                                               progress=progress)
                 break
             except APIError as e:
                 if e.status != 429 or time.monotonic() > deadline:
@@ -96,6 +100,10 @@ class Summarizer:
         parts, last = [], None
         try:
             async for _, it in sub.items():
+                if "progress" in it:
+                    self.on_event({"object": "summary.prompt_progress", "stage": "final",
+                                   "prompt_progress": progress_body(it)})
+                    continue
                 parts.append(it["text"])
                 if stream and it["text"]:
                     self.on_event({"object": "summary.delta", "delta": it["text"]})

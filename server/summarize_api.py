@@ -1,8 +1,9 @@
 """POST /v1/summarize: a document as JSON ``{"text": ...}`` or a multipart file upload, summary out.
 
 Streaming sends server-sent events: ``summary.plan`` (strategy, document tokens), then
-``summary.progress`` per finished chunk (map-reduce), ``summary.delta`` pieces of the final summary,
-and the complete ``summary`` object last, followed by ``data: [DONE]``.
+``summary.progress`` per finished chunk (map-reduce), with ``return_progress`` the final pass's
+``summary.prompt_progress`` (its prefill), ``summary.delta`` pieces of the final summary, and the
+complete ``summary`` object last, followed by ``data: [DONE]``; ``: keepalive`` comments fill silences.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def test_bad_requests_are_refused(llm):
     with pytest.raises(RequestError, match="vocabulary"):
         llm.generate([[10**6]], GREEDY, use_tqdm=False)
     with pytest.raises(RequestError, match="max_tokens"):
-        SamplingParams(max_tokens=0)
+        SamplingParams(max_tokens=-1)  # 0 is a prefill-only warm-up (test_prefill_only.py)
     with pytest.raises(RequestError, match="top_p"):
         SamplingParams(top_p=0)
 

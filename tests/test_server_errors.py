@@ -45,7 +45,7 @@ COMPLETION_CASES = [
     # (body, message fragment, param)
     ({"prompt": "hi", "max_tokens": 4, "bogus": 1}, "unrecognized request argument: 'bogus'", "bogus"),
     ({"prompt": "hi", "temperature": 5}, "less than or equal to 2", "temperature"),
-    ({"prompt": "hi", "max_tokens": 0}, "greater than or equal to 1", "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -1}, "greater than or equal to 0", "max_tokens"),  # 0: a prefill-only warm-up
     ({"prompt": "hi", "max_tokens": "many"}, "valid integer", "max_tokens"),
     ({"prompt": "hi", "top_p": 0}, "greater than 0", "top_p"),
     ({"prompt": "hi", "n": 0}, "greater than or equal to 1", "n"),
@@ -63,6 +63,7 @@ COMPLETION_CASES = [
     ({"prompt": [1, 2, 10**9]}, "outside the vocabulary", "prompt"),
     ({"prompt": "hi", "suffix": "there"}, "fill-in-the-middle", "suffix"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "only allowed when stream is true", None),
+    ({"prompt": "hi", "return_progress": True}, "return_progress is only allowed when stream is true", None),
 ]
 
 
@@ -102,6 +103,27 @@ def test_chat_bad_values(http, body, fragment, param):
     assert fragment in err["message"]
     if param is not None:
         assert err["param"] == param
+
+
+LLAMA_CASES = [  # llama.cpp's /completion and /infill: the same error shape, llama.cpp's field names
+    ("/completion", {"prompt": "hi", "n_predict": -2}, "greater than or equal to -1", "n_predict"),
+    ("/completion", {"prompt": "hi", "mirostat": 2}, "mirostat is not supported", None),
+    ("/completion", {"prompt": "hi", "grammar": "root ::= x"}, "unrecognized request argument: 'grammar'", "grammar"),
+    ("/completion", {"prompt": ""}, "the prompt is empty", "prompt"),
+    ("/completion", {"n_predict": 3}, "'prompt' is required", "prompt"),
+    ("/completion", {"prompt": "count me " * 20, "n_predict": 250}, "lower n_predict", "n_predict"),
+    ("/completion", {"prompt": "hi", "return_progress": True}, "only allowed when stream is true", None),
+    ("/infill", {"input_prefix": "def f(", "input_extra": [{"filename": "a.py"}]}, "'input_extra.0.text' is required",
+     "input_extra.0.text"),
+    ("/infill", {"input_prefix": "def f(", "input_suffix": ")"}, "/infill needs fill-in-the-middle tokens", None),
+]
+
+
+@pytest.mark.parametrize("path,body,fragment,param", LLAMA_CASES, ids=[c[2][:30] for c in LLAMA_CASES])
+def test_llama_endpoints_bad_values(http, path, body, fragment, param):
+    err = error_of(post(http, path, body), 400)
+    assert fragment in err["message"]
+    assert err["param"] == param
 
 
 @pytest.mark.parametrize("raw,fragment", [

@@ -48,7 +48,7 @@ class FakeClient:
             return {"counts": [self.n(m[0]["content"]) + 10 for m in args["messages_list"]]}
         return {"counts": [self.n(t) for t in args["texts"]]}
 
-    async def submit(self, prompts, params, n=1):
+    async def submit(self, prompts, params, n=1, progress=False):
         content = prompts[0]["messages"][0]["content"]
         np = self.n(content) + 10
         assert np + params["max_tokens"] <= self.info["max_model_len"], "a prompt would not fit"

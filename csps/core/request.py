@@ -57,6 +57,12 @@ class Request:
         return self.num_tokens - self.num_computed_tokens
 
     @property
+    def wants_token(self) -> bool:
+        """Its output budget is not spent: once all known tokens are computed the model samples the next
+        one (False from the start for a prefill-only request, max_tokens 0)."""
+        return len(self.output_token_ids) < self.params.max_tokens
+
+    @property
     def is_decode(self) -> bool:
         """Only the newest token lacks KV: one token per step."""
         return self.num_missing_tokens == 1 and bool(self.output_token_ids)

@@ -47,7 +47,7 @@ class ScheduledChunk:
     start: int  # tokens of the request computed before this step
     num_tokens: int  # tokens computed in this step
     is_decode: bool
-    samples: bool  # the chunk reaches the last known token: the model samples the next one
+    samples: bool  # the chunk reaches the last known token and the request wants one more: the model samples it
     ranks: tuple[int, ...] = (0,)  # SP ranks computing this chunk
     sp: bool = False  # sequence-parallel request (KV spread over all SP ranks)
 
@@ -265,7 +265,7 @@ class Scheduler:
         start = req.num_computed_tokens
         out.chunks.append(ScheduledChunk(
             req_id=req.req_id, start=start, num_tokens=n, is_decode=req.is_decode,
-            samples=start + n == req.num_tokens, ranks=ranks, sp=self.is_sp(req)))
+            samples=start + n == req.num_tokens and req.wants_token, ranks=ranks, sp=self.is_sp(req)))
         scheduled.add(req.req_id)
         degree = self.num_ranks if self.is_sp(req) else 1
         if req.is_decode:

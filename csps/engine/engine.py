@@ -266,7 +266,7 @@ class Engine:
         plans = self.plans.build(out, self.scheduler.requests)
         logits = self.execute(plans)
         self.scheduler.complete_step(out)
-        outputs = self._process_samples(out, logits, sample_order(plans))
+        outputs = self._process_samples(out, logits, sample_order(plans)) + self._finish_unsampled(out)
         t1 = time.perf_counter()
         if self.step_timer is not None and out.num_prefill_tokens:
             self.step_timer.observe(*out.items(self.num_sp_ranks), t1 - t0)
@@ -303,14 +303,24 @@ class Engine:
             state = self.states[c.req_id]
             state.req.metrics.token_times_s.append(now)
             status = state.add_token(s)
-            if status is not None:
-                state.req.metrics.finished_s = now
-                self.scheduler.finish(c.req_id, status)
-                self.plans.forget(c.req_id)
-                self.states.pop(c.req_id, None)
-                self.samplers.pop(c.req_id, None)
-            outputs.append(state.make_output(status is not None, status))
+            outputs.append(state.make_output(False, None) if status is None else self._finish(c.req_id, status, now))
         return outputs
+
+    def _finish_unsampled(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Requests whose known tokens are all computed but that want no token (max_tokens 0: prefill
+        only) finish with none; their prompt's full blocks stay in the prefix cache."""
+        done = [c.req_id for c in out.chunks if not c.samples and c.req_id in self.scheduler.requests
+                and self.scheduler.requests[c.req_id].num_missing_tokens == 0]
+        now = time.perf_counter()
+        return [self._finish(req_id, Status.FINISHED_LENGTH, now) for req_id in done]
+
+    def _finish(self, req_id: str, status: Status, now: float) -> RequestOutput:
+        state = self.states.pop(req_id)
+        state.req.metrics.finished_s = now
+        self.scheduler.finish(req_id, status)
+        self.plans.forget(req_id)
+        self.samplers.pop(req_id, None)
+        return state.make_output(True, status)
 
     # -- introspection (metrics, benchmarks) -----------------------------------------------
     def stats(self) -> dict:

@@ -15,8 +15,6 @@ from csps.errors import ModelLoadError
 
 log = logging.getLogger("csps.tokenizer")
 
-FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
-
 
 def cache_dir() -> str:
     return os.environ.get("CSPS_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "csps"))
@@ -70,8 +68,6 @@ class Tokenizer:
         self.hf = hf_tokenizer
         self.vocab_size = len(hf_tokenizer)
         self.eos_token_id = hf_tokenizer.eos_token_id
-        vocab = hf_tokenizer.get_vocab()
-        self.fim_ids = tuple(vocab.get(t) for t in FIM_TOKENS)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
@@ -83,15 +79,6 @@ class Tokenizer:
         if not 0 <= token_id < self.vocab_size:
             return ""
         return self.hf.decode([token_id])
-
-    @property
-    def has_fim(self) -> bool:
-        return all(i is not None for i in self.fim_ids)
-
-    def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
-        """StarCoder-style prefix-suffix-middle prompt (SmolLM2 was trained with these tokens)."""
-        p, s, m = self.fim_ids
-        return [p] + self.encode(prefix) + [s] + self.encode(suffix) + [m]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not getattr(self.hf, "chat_template", None):
