@@ -75,6 +75,7 @@ def ensure_model_dir(path: str, dtype: str) -> None:
         return
     from safetensors.torch import save_file
 
+    from csps.bench.hf_export import hf_config_dict
     from csps.dtypes import torch_dtype
     from csps.engine.tokenizer import load_tokenizer
     from csps.engine.weights import default_model_path, load_gguf
@@ -85,16 +86,7 @@ def ensure_model_dir(path: str, dtype: str) -> None:
     cfg, sd = load_gguf(default_model_path(), torch.float32)
     save_file({k: v.to(torch_dtype(dtype)).contiguous() for k, v in sd.items()},
               os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu", "attention_bias": False, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_ids)[0] if cfg.eos_token_ids else None, "torch_dtype": dtype,
-    }
+    config = hf_config_dict(cfg, dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     load_tokenizer("smollm2").save_pretrained(path)

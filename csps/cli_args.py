@@ -40,6 +40,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2",
                    help="smollm2 (embedded default), a .gguf file, a Hugging Face directory, or dummy:<preset>")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda where a CUDA GPU is available (rank r uses cuda:LOCAL_RANK), else cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="auto: bfloat16 where the CPU/GPU computes it natively, else float32")
     g.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks")
@@ -66,7 +68,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(
-        model=a.model, dtype=a.dtype, sp=a.sp, tp=a.tp, sp_attn=a.sp_attn, sp_exchange=a.sp_exchange,
+        model=a.model, device=a.device, dtype=a.dtype, sp=a.sp, tp=a.tp, sp_attn=a.sp_attn, sp_exchange=a.sp_exchange,
         sp_threshold_tokens=a.sp_threshold, token_budget=a.token_budget, max_model_len=a.max_model_len,
         max_num_seqs=a.max_num_seqs, block_size=a.block_size,
         kv_cache_bytes=int(a.kv_cache_gb * 2**30) if a.kv_cache_gb else None,

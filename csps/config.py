@@ -8,6 +8,7 @@ from csps.core.tp_shard import max_kv_heads_per_rank
 from csps.errors import CspsError
 
 DTYPES = ("auto", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -140,6 +141,7 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "smollm2"
+    device: str = "auto"  # auto: cuda where a CUDA device is available, else cpu
     dtype: str = "auto"  # auto: bf16 where the hardware computes it natively, else fp32
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -149,10 +151,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
-        if self.dtype == "auto":
-            from csps.device import resolve_dtype
+        _check(self.device in DEVICES, f"unknown device {self.device!r} (choose from {', '.join(DEVICES)})")
+        from csps.device import resolve_device, resolve_dtype
 
-            object.__setattr__(self, "dtype", resolve_dtype("auto"))
+        object.__setattr__(self, "device", resolve_device(self.device))
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         check_token_budget(self.scheduler.token_budget, self.cache.block_size)
 
     def with_(self, **kw) -> EngineConfig:

@@ -11,6 +11,7 @@ from csps.engine.outputs import RequestOutput
 
 def make_engine_config(
     model: str = "smollm2",
+    device: str = "auto",
     dtype: str = "auto",
     token_budget: int = 512,
     max_model_len: int | None = None,
@@ -32,6 +33,7 @@ def make_engine_config(
 ) -> EngineConfig:
     return EngineConfig(
         model=model,
+        device=device,
         dtype=dtype,
         seed=seed,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
@@ -53,6 +55,7 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     from csps.dtypes import torch_dtype
     from csps.engine.engine import Engine
     from csps.engine.rank_world import (
+        check_devices,
         check_layout,
         is_torchrun_worker,
         refuse_if_ranks_running,
@@ -60,8 +63,9 @@ def create_engine(config: EngineConfig, max_model_len: int | None = None, **kw):
     )
     from csps.engine.weights import load_model_weights
 
+    check_devices(config)  # at once, before minutes of loading weights
     if config.parallel.world_size > 1 and not under_torchrun():
-        refuse_if_ranks_running()  # at once, before minutes of loading weights
+        refuse_if_ranks_running()
     weights = kw.pop("weights", None) or load_model_weights(config.model, torch_dtype(config.dtype),
                                                             seed=config.seed)
     model_cfg = weights[0]

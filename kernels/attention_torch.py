@@ -1,5 +1,6 @@
-"""Attention in plain torch ops, returning ``(out, lse)`` with an fp32 log-sum-exp (the CPU path,
-and the fallback of the CUDA backends; ``attention.attention`` dispatches by device).
+"""Attention in plain torch ops, returning ``(out, lse)`` with an fp32 log-sum-exp (the CPU path, and the
+CUDA path where flash-attn is missing; ``attention.attention`` dispatches by device). Positions are
+CPU tensors on every device: they steer which kernel calls run, without a device sync.
 
 On CPU: torch's fused flash attention for CPU, which returns the LSE. Its ``is_causal`` mask is
 top-left aligned, which is wrong for a chunk on top of cached KV (docs/platform.md), so the keys
@@ -44,28 +45,35 @@ def _flash(
     causal: bool = False,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # q: [Tq, Hq, D], k/v: [Tk, Hkv, D], mask: bool [Tq, Tk] (True = visible) or None
+    # q: [Tq, Hq, D], k/v: [Tk, Hkv, D], mask: bool [Tq, Tk] on the CPU (True = visible) or None;
+    # causal only with Tq == Tk (the kernels align the diagonal differently otherwise)
     attn_mask = None
     if mask is not None:
         attn_mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-        attn_mask = attn_mask[None, None]
-    out, lse = _flash_cpu(
-        q.transpose(0, 1)[None],
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
-        dropout_p=0.0,
-        is_causal=causal,
-        attn_mask=attn_mask,
-        scale=scale,
-    )
-    out = out[0].transpose(0, 1)  # [Tq, Hq, D]
-    lse = lse[0].transpose(0, 1).float()  # [Tq, Hq]
+        attn_mask = attn_mask[None, None].to(q.device)
+    if q.is_cuda:  # torch's CUDA kernels with a log-sum-exp (kernels/cuda_sdpa.py, imported lazily)
+        from csps.kernels.cuda_sdpa import sdpa_with_lse
+
+        out, lse = sdpa_with_lse(q, k, v, scale, causal, attn_mask)
+    else:
+        out, lse = _flash_cpu(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            dropout_p=0.0,
+            is_causal=causal,
+            attn_mask=attn_mask,
+            scale=scale,
+        )
+        out = out[0].transpose(0, 1)  # [Tq, Hq, D]
+        lse = lse[0].transpose(0, 1).float()  # [Tq, Hq]
     if mask is not None:
-        # The kernel reports lse = 0 for a row whose keys are all masked: make it -inf.
+        # A row whose keys are all masked gets lse 0 (CPU) or -inf and NaN (CUDA): make it lse -inf, out 0.
         has_key = mask.any(-1)
         if not bool(has_key.all()):
+            has_key = has_key.to(q.device)
             lse = torch.where(has_key[:, None], lse, float("-inf"))
-            out = out * has_key[:, None, None].to(out.dtype)
+            out = torch.where(has_key[:, None, None], out, 0.0)
     return out, lse
 
 
@@ -93,7 +101,7 @@ def attention_torch(
     tq, hq, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if tq == 0 or k.shape[0] == 0:
-        return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"))
+        return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"), device=q.device)
     q_min, q_max = int(q_pos.min()), int(q_pos.max())
     seen_by_all = k_pos < q_min
     if sliding_window is not None:
@@ -131,7 +139,7 @@ def attention_torch(
         else:
             parts += _masked_parts(q, q_pos, k_rest, v_rest, pos_rest, scale, sliding_window)
     if not parts:
-        return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"))
+        return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"), device=q.device)
     return merge_many([o for o, _ in parts], [lse for _, lse in parts])
 
 
@@ -154,7 +162,7 @@ def decode_attention(
     scale = d**-0.5 if scale is None else scale
     qf = q.float().view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     kf, vf = k.float(), v.float()
-    idx = torch.arange(k.shape[1])
+    idx = torch.arange(k.shape[1], device=k.device)
     valid = idx[None, :] < kv_lens[:, None]  # [B, L]
     if sliding_window is not None:
         valid &= idx[None, :] >= kv_lens[:, None] - sliding_window
@@ -248,8 +256,8 @@ def _attend_row_blocks(q, q_pos, row_ranges, shared, parts_fn):
     """Attention per block of query rows ``[a, b)``: ``parts_fn(q[a:b], q_pos[a:b])`` gives its
     partial results, merged with the ``shared`` parts (keys every query sees) row-wise."""
     tq, hq, d = q.shape
-    out = torch.zeros(tq, hq, d, dtype=torch.float32)
-    lse = torch.full((tq, hq), float("-inf"))
+    out = torch.zeros(tq, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((tq, hq), float("-inf"), device=q.device)
     for a, b in row_ranges:
         parts = [(o[a:b], l[a:b]) for o, l in shared]
         parts += parts_fn(q[a:b], q_pos[a:b])

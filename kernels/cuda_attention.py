@@ -20,8 +20,9 @@ run, key run) pair, trimmed to the keys some query sees, is one flash call whose
 is exactly the position rule; keys every query of a run sees go in one unmasked call; partials
 merge by LSE. A chunk on contiguous cached KV (q = [C, C+T), k = [0, C+T)) is one causal call.
 
-Fallback (no flash-attn, fp32, CPU tensors, head dim > 256): ``attention_torch`` / ``decode_attention``,
-CPU kernels: CUDA tensors are copied to the CPU and back (correct, slow; logged once).
+Fallback (no flash-attn, fp32, head dim > 256): ``attention_torch`` / ``decode_attention`` on the same
+device; on CUDA their kernel calls are torch's own (``sdpa_with_lse``: the flash SDPA op, or the
+memory-efficient one where a mask or fp32 needs it), both with a log-sum-exp.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ import re
 
 import torch
 from csps.kernels.attention_torch import _select, attention_torch, decode_attention
+from csps.kernels.cuda_sdpa import FLASH_DTYPES, MAX_HEAD_DIM
 from csps.kernels.merge import merge_attn
 from csps.kernels.paged import gather_kv_padded
 
 log = logging.getLogger(__name__)
 
 MIN_FLASH_VERSION = (2, 6)
-FLASH_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
 PAGED_BLOCK_MULTIPLE = 256  # flash-attn 2 paged KV: page_block_size % 256 == 0
 
 
@@ -71,21 +71,6 @@ def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM and q.shape[-2] % k.shape[-2] == 0
     )
     return _flash_module() if ok else None
-
-
-@functools.cache
-def _note_cpu_copy() -> None:
-    log.info("CUDA tensors on the torch attention path: computing on the CPU (slow)")
-
-
-def _torch_path(fn, *args):
-    """Run a CPU kernel of the torch path; CUDA tensor arguments go to the CPU and back."""
-    device = args[0].device
-    if device.type == "cpu":
-        return fn(*args)
-    _note_cpu_copy()
-    out, lse = fn(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
-    return out.to(device), lse.to(device)
 
 
 def _no_key_rows(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,16 +141,19 @@ def flash_prefill(
     k_pos: torch.Tensor,
     scale: float | None = None,
     sliding_window: int | None = None,
+    *,
+    flash=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attention`` on flash-attn. q: [Tq, Hq, D], k/v: [Tk, Hkv, D], q_pos/k_pos: int64.
+    """``attention`` on flash-attn. q: [Tq, Hq, D], k/v: [Tk, Hkv, D], q_pos/k_pos: int64 (CPU).
 
     Returns out [Tq, Hq, D] (q's dtype), lse [Tq, Hq] fp32 (-inf for rows with no visible key).
+    ``flash``: the flash_attn module to call (default: the installed one, when it can run these tensors).
     """
     tq, hq, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    fa = _native(q, k, v)
-    if fa is None:
-        return _torch_path(attention_torch, q, k, v, q_pos, k_pos, scale, sliding_window)
+    fa = flash or _native(q, k, v)
+    if fa is None:  # torch's kernels on the same device (CUDA ones via sdpa_with_lse)
+        return attention_torch(q, k, v, q_pos, k_pos, scale, sliding_window)
     if tq == 0 or k.shape[0] == 0:
         return q.new_zeros(q.shape), torch.full((tq, hq), float("-inf"), device=q.device)
     blocks = list(_blocks(q_pos.cpu(), k_pos.cpu(), sliding_window))
@@ -188,6 +176,8 @@ def flash_decode_paged(
     cache_seqlens: torch.Tensor,
     scale: float | None = None,
     sliding_window: int | None = None,
+    *,
+    flash=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence over the paged cache (the query's own key is already cached).
 
@@ -197,10 +187,10 @@ def flash_decode_paged(
     """
     b, hq, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    fa = _native(q, k_cache, v_cache)
+    fa = flash or _native(q, k_cache, v_cache)
     if fa is None or b == 0:
         kc, vc = gather_kv_padded(k_cache, v_cache, block_tables.to(k_cache.device).long())
-        return _torch_path(decode_attention, q, kc, vc, cache_seqlens, scale, sliding_window)
+        return decode_attention(q, kc, vc, cache_seqlens.to(k_cache.device), scale, sliding_window)
     kwargs = dict(
         cache_seqlens=cache_seqlens.to(q.device, torch.int32), softmax_scale=scale, causal=True,
         window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, 0),

@@ -51,12 +51,16 @@ class HeadGroups:
             (kv_of_q == torch.arange(num_q_heads) // (num_q_heads // num_kv_heads)).all())
         return HeadGroups(kv_of_q, offsets, torch.argsort(kv_of_q, stable=True), grouped)
 
+    def to(self, device: torch.device | str) -> HeadGroups:
+        """The maps on ``device`` (index_select needs them where the KV is; the C++ kernel reads them on the
+        CPU, where they stay for a CPU rank)."""
+        return HeadGroups(self.kv_of_q.to(device), self.offsets.to(device), self.q_index.to(device), self.grouped)
 
-def paged_decode_torch(q, k_cache, v_cache, block_tables, table_rows, kv_lens, heads: HeadGroups,
+
+def paged_decode_torch(q, k_cache, v_cache, block_tables, table_rows, kv_lens, max_kv_len: int, heads: HeadGroups,
                        scale: float, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain-torch twin: gather the blocks into a padded batch, attend in fp32 (``decode_attention``)."""
-    bs = k_cache.shape[1]
-    width = max(1, -(-int(kv_lens.max()) // bs)) if kv_lens.numel() else 1
+    width = max(1, -(-max_kv_len // k_cache.shape[1]))
     tables = block_tables[table_rows, :width].long()
     kc, vc = gather_kv_padded(k_cache, v_cache, tables)  # [B, width * bs, Hkv, D]
     if not heads.grouped:
@@ -65,13 +69,14 @@ def paged_decode_torch(q, k_cache, v_cache, block_tables, table_rows, kv_lens, h
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 table_rows: torch.Tensor, kv_lens: torch.Tensor, heads: HeadGroups, scale: float,
+                 table_rows: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int, heads: HeadGroups, scale: float,
                  sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence over its cached keys (its own key already written; it sees them all, or
     the last ``sliding_window``).
 
     q: [B, Hq, D]; k/v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [rows, W] int32;
-    table_rows: [B] int64 (each sequence's row); kv_lens: [B] int64.
+    table_rows: [B] int64 (each sequence's row); kv_lens: [B] int64, all on the cache's device;
+    max_kv_len: max(kv_lens), known on the host (no device sync).
     Returns out [B, Hq, D] (q's dtype) and lse [B, Hq] fp32 (-inf, out 0 for a sequence without keys).
     """
     if q.shape[0] == 0:
@@ -80,12 +85,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         if heads.grouped:
             from csps.kernels.cuda_attention import flash_decode_paged
 
-            bs = k_cache.shape[1]
-            width = max(1, -(-int(kv_lens.max()) // bs))
+            width = max(1, -(-max_kv_len // k_cache.shape[1]))
             return flash_decode_paged(q, k_cache, v_cache, block_tables[table_rows, :width], kv_lens, scale,
                                       sliding_window)
     elif q.shape[-1] % 8 == 0 and cpu_ext.available():
         out, lse = torch.ops.csps.paged_decode(
             q, k_cache, v_cache, block_tables, table_rows, kv_lens, heads.offsets, heads.q_index, scale, sliding_window or 0, PARTITION_TOKENS)
         return out.to(q.dtype), lse
-    return paged_decode_torch(q, k_cache, v_cache, block_tables, table_rows, kv_lens, heads, scale, sliding_window)
+    return paged_decode_torch(q, k_cache, v_cache, block_tables, table_rows, kv_lens, max_kv_len, heads, scale,
+                              sliding_window)

@@ -69,11 +69,15 @@ class Comm:
 
     group: a ProcessGroup, or None for the default (world) group. ranks: the global ranks in the
     group, in group-rank order. ``rank`` is this process's index in ``ranks``; ``size`` is
-    ``len(ranks)``. A size-1 Comm never touches torch.distributed (it may be built without it).
+    ``len(ranks)``. ``device``: where this group's tensors live (the CPU for gloo, the rank's GPU for
+    NCCL); receive buffers are made there. A size-1 Comm never touches torch.distributed (it may be
+    built without it).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, ranks: Sequence[int]) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, ranks: Sequence[int],
+                 device: torch.device | str = "cpu") -> None:
         self.group = group
+        self.device = torch.device(device)
         self.ranks = [int(r) for r in ranks]
         self.size = len(self.ranks)
         if self.size == 0:
@@ -89,9 +93,9 @@ class Comm:
         self.bytes_step: dict[str, int] = {}
 
     @classmethod
-    def single(cls, global_rank: int = 0) -> "Comm":
+    def single(cls, global_rank: int = 0, device: torch.device | str = "cpu") -> "Comm":
         """A size-1 Comm (of global rank ``global_rank``): every operation is a local no-op."""
-        return cls(None, [global_rank])
+        return cls(None, [global_rank], device)
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -134,7 +138,7 @@ class Comm:
                 ops.append(dist.P2POp(dist.isend, t.contiguous(), nxt, self.group))
                 self.count(kind, _nbytes(t))
         for shape, dtype in recv_shapes_dtypes:
-            buf = torch.empty(tuple(shape), dtype=dtype)
+            buf = torch.empty(tuple(shape), dtype=dtype, device=self.device)
             recv.append(buf)
             if buf.numel():
                 ops.append(dist.P2POp(dist.irecv, buf, prv, self.group))
@@ -161,7 +165,7 @@ class Comm:
         send_numels = [t.numel() for t in tensors_per_dest]
         recv_numels = [_numel(s) for s in recv_shapes]
         flat_in = torch.cat([t.reshape(-1) for t in tensors_per_dest])
-        flat_out = torch.empty(sum(recv_numels), dtype=dtype)
+        flat_out = torch.empty(sum(recv_numels), dtype=dtype, device=flat_in.device)
         self.count(kind, (flat_in.numel() - send_numels[self.rank]) * flat_in.element_size())
         dist.all_to_all_single(flat_out, flat_in, recv_numels, send_numels, group=self.group)
         return [p.view(tuple(s)) for p, s in zip(flat_out.split(recv_numels), recv_shapes)]
@@ -200,25 +204,25 @@ class Comm:
             for r in range(self.size):
                 if r == src:
                     continue
-                length = torch.tensor([len(blobs[r])], dtype=torch.int64)
+                length = torch.tensor([len(blobs[r])], dtype=torch.int64, device=self.device)
                 keep.append(length)
                 works.append(dist.isend(length, self._global(r), group=self.group))
                 self.count(kind, _nbytes(length))
                 if blobs[r]:
-                    buf = torch.frombuffer(bytearray(blobs[r]), dtype=torch.uint8)
+                    buf = torch.frombuffer(bytearray(blobs[r]), dtype=torch.uint8).to(self.device)
                     keep.append(buf)
                     works.append(dist.isend(buf, self._global(r), group=self.group))
                     self.count(kind, len(blobs[r]))
             _wait_all(works)
             return bytes(blobs[src])
-        length = torch.empty(1, dtype=torch.int64)
+        length = torch.empty(1, dtype=torch.int64, device=self.device)
         dist.recv(length, self._global(src), group=self.group)
         num_bytes = int(length.item())
         if num_bytes == 0:
             return b""
-        buf = torch.empty(num_bytes, dtype=torch.uint8)
+        buf = torch.empty(num_bytes, dtype=torch.uint8, device=self.device)
         dist.recv(buf, self._global(src), group=self.group)
-        return buf.numpy().tobytes()
+        return buf.cpu().numpy().tobytes()
 
     def gather_to(
         self,
@@ -230,7 +234,8 @@ class Comm:
         """Gather variable-size tensors (same dtype and ndim everywhere) to group rank ``dst``.
 
         Returns the list of every rank's tensor (index = group rank) on ``dst``, None elsewhere.
-        Without ``shapes`` each rank first sends its shape (``8 * ndim`` bytes) to ``dst``.
+        Without ``shapes`` each rank first sends its shape (``8 * ndim`` bytes) to ``dst``; with them
+        (every rank's shape on ``dst``, anything but None elsewhere) nothing but the payloads moves.
         """
         if self.size == 1:
             return [t]
@@ -238,7 +243,7 @@ class Comm:
         if self.rank != dst:
             works = []
             if shapes is None:
-                header = torch.tensor(list(t.shape), dtype=torch.int64)
+                header = torch.tensor(list(t.shape), dtype=torch.int64, device=self.device)
                 self.count(kind, _nbytes(header))
                 works.append(dist.isend(header, dst_global, group=self.group))
             if t.numel():
@@ -248,10 +253,11 @@ class Comm:
             return None
         others = [r for r in range(self.size) if r != dst]
         if shapes is None:
-            headers = {r: torch.empty(t.dim(), dtype=torch.int64) for r in others}
+            headers = {r: torch.empty(t.dim(), dtype=torch.int64, device=self.device) for r in others}
             _wait_all([dist.irecv(headers[r], self._global(r), group=self.group) for r in others])
             shapes = [t.shape if r == dst else headers[r].tolist() for r in range(self.size)]
-        out = [t if r == dst else torch.empty(tuple(shapes[r]), dtype=t.dtype) for r in range(self.size)]
+        out = [t if r == dst else torch.empty(tuple(shapes[r]), dtype=t.dtype, device=t.device)
+               for r in range(self.size)]
         _wait_all([
             dist.irecv(out[r], self._global(r), group=self.group) for r in others if out[r].numel()
         ])

@@ -32,9 +32,10 @@ class ParallelGroups:
     tp: int
     sp_rank: int
     tp_rank: int
-    world: Comm
+    world: Comm  # tensors (the default backend: NCCL on CUDA, gloo on CPU)
     sp_comm: Comm
     tp_comm: Comm
+    control: Comm  # the world over gloo, on the CPU: step plans and per-step statistics (no device sync)
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
@@ -57,7 +58,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         if var not in os.environ:
             raise RuntimeError(f"init_distributed: {var} is not set (launch with torchrun or spawn)")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # this rank's GPU: cuda:LOCAL_RANK
     dist.init_process_group(
         backend,
         init_method="env://",
@@ -86,38 +87,46 @@ def _default_timeout() -> datetime.timedelta:
         return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
 
 
-def _make_comms(all_groups: list[list[int]], me: int, world_size: int, timeout) -> Comm:
+def _make_comms(all_groups: list[list[int]], me: int, world_size: int, timeout, device: torch.device) -> Comm:
     """Create every group (collectively, same order on every rank); return the Comm holding ``me``."""
     mine = None
     for ranks in all_groups:
         if len(ranks) == 1:
-            comm = Comm.single(me) if me in ranks else None
+            comm = Comm.single(me, device) if me in ranks else None
         elif len(ranks) == world_size:
-            comm = Comm(None, ranks)
+            comm = Comm(None, ranks, device)
         else:
             pg = dist.new_group(ranks, timeout=timeout)
-            comm = Comm(pg, ranks) if me in ranks else None
+            comm = Comm(pg, ranks, device) if me in ranks else None
         if me in ranks:
             mine = comm
     assert mine is not None
     return mine
 
 
-def build_groups(sp: int, tp: int) -> ParallelGroups:
-    """Build the world, SP and TP Comms. Call on every rank after ``init_distributed``.
+def build_groups(sp: int, tp: int, device: torch.device | str = "cpu") -> ParallelGroups:
+    """Build the world, SP and TP Comms (tensors on ``device``) and the gloo control Comm. Call on every
+    rank after ``init_distributed``.
 
     sp * tp must equal the world size (1 if torch.distributed is not initialized).
     """
+    device = torch.device(device)
     initialized = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if initialized else 1
     world_rank = dist.get_rank() if initialized else 0
     if sp < 1 or tp < 1 or sp * tp != world_size:
         raise ValueError(f"sp ({sp}) x tp ({tp}) must equal the world size ({world_size})")
     if world_size == 1:
-        return ParallelGroups(0, 1, 1, 1, 0, 0, Comm.single(), Comm.single(), Comm.single())
+        one = Comm.single(0, device)
+        return ParallelGroups(0, 1, 1, 1, 0, 0, one, one, one, Comm.single())
     timeout = _default_timeout()
-    tp_comm = _make_comms(tp_group_ranks(sp, tp), world_rank, world_size, timeout)
-    sp_comm = _make_comms(sp_group_ranks(sp, tp), world_rank, world_size, timeout)
+    tp_comm = _make_comms(tp_group_ranks(sp, tp), world_rank, world_size, timeout, device)
+    sp_comm = _make_comms(sp_group_ranks(sp, tp), world_rank, world_size, timeout, device)
+    everyone = list(range(world_size))
+    if dist.get_backend() == "gloo":
+        control = Comm(None, everyone)
+    else:  # NCCL moves device tensors only: plans and statistics take a gloo group on the CPU
+        control = Comm(dist.new_group(everyone, timeout=timeout, backend="gloo"), everyone)
     return ParallelGroups(
         world_rank=world_rank,
         world_size=world_size,
@@ -125,7 +134,8 @@ def build_groups(sp: int, tp: int) -> ParallelGroups:
         tp=tp,
         sp_rank=world_rank // tp,
         tp_rank=world_rank % tp,
-        world=Comm(None, list(range(world_size))),
+        world=Comm(None, everyone, device),
         sp_comm=sp_comm,
         tp_comm=tp_comm,
+        control=control,
     )

@@ -68,7 +68,7 @@ def run_rank(stream) -> None:
         target, args = pickle.load(stream)  # inside the try: a failure to unpickle is reported too
         from csps.parallel.groups import init_distributed
 
-        init_distributed("gloo", timeout_s=head["timeout_s"])
+        init_distributed(head["backend"], timeout_s=head["timeout_s"])
         target(rank, head["world_size"], *args)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then the process exits
         _write_report(head["report_path"], rank, e)
@@ -84,9 +84,11 @@ class RankGroup:
     """Ranks 1..W-1 as local child processes; rank 0 joins from the calling process."""
 
     def __init__(self, world_size: int, target: Callable, args: tuple = (), timeout_s: float = 300.0,
-                 num_threads: int | None = None) -> None:
-        """``target`` must be importable by name (a module-level function of an installed module)."""
+                 num_threads: int | None = None, backend: str = "gloo") -> None:
+        """``target`` must be importable by name (a module-level function of an installed module);
+        ``backend``: gloo (CPU ranks) or nccl (rank r on cuda:r)."""
         self.world_size = world_size
+        self.backend = backend
         self.procs: list[subprocess.Popen] = []
         self.timeout_s = timeout_s
         if num_threads is None:
@@ -104,7 +106,7 @@ class RankGroup:
         try:
             for r in range(1, world_size):
                 head = dict(rank=r, world_size=world_size, parent_pid=os.getpid(), num_threads=num_threads,
-                            timeout_s=timeout_s, report_path=self._report_path(r))
+                            timeout_s=timeout_s, report_path=self._report_path(r), backend=backend)
                 p = subprocess.Popen([sys.executable, "-m", "csps.parallel.rank_entry"], stdin=subprocess.PIPE,
                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
                 self.procs.append(p)
@@ -141,7 +143,7 @@ class RankGroup:
 
         def join() -> None:
             try:
-                init_distributed("gloo", timeout_s=self.timeout_s)
+                init_distributed(self.backend, timeout_s=self.timeout_s)
                 outcome.append(None)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                 outcome.append(e)

@@ -55,8 +55,8 @@ def ring_attention(
     q_max = int(q_pos.max()) if tq else None
     k_min = [int(p.min()) if p.numel() else None for p in k_pos_per_rank]
 
-    out = torch.zeros(tq, hq, dv, dtype=torch.float32)  # running result, fp32 between merges
-    lse = torch.full((tq, hq), float("-inf"))
+    out = torch.zeros(tq, hq, dv, dtype=torch.float32, device=q.device)  # running result, fp32 between merges
+    lse = torch.full((tq, hq), float("-inf"), device=q.device)
     blk_k, blk_v, src = k, v, me
     for step in range(num_ranks):
         handle = None

@@ -88,6 +88,11 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def torchrun_worker_rank() -> bool:
+    """Under torchrun, ranks 1..W-1 join rank 0's engine instead of serving HTTP (env vars: no torch here)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["RANK"]) != 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from csps.server.config import ServerConfig
     from csps.server.logs import setup_logging
@@ -96,6 +101,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from csps.cli_args import engine_kwargs
 
     kw = engine_kwargs(a)
+    if torchrun_worker_rank():  # no API server here: this rank serves rank 0's step plans, then exits
+        from csps.llm import create_engine, make_engine_config
+
+        setup_logging(a.log_format, "info")
+        create_engine(make_engine_config(**{k: v for k, v in kw.items() if k != "max_model_len"}),
+                      max_model_len=kw.get("max_model_len"))
+        return 0  # not reached: the worker exits the process when rank 0 shuts down
     kw["max_waiting"] = a.max_waiting
     cfg = ServerConfig(engine_kwargs=kw, host=a.host, port=a.port, api_key=a.api_key,
                        served_model_name=a.served_model_name, max_body_bytes=a.max_body_bytes,

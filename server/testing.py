@@ -26,8 +26,10 @@ READY_LINE = "csps serving "  # the line ``csps serve`` logs once its engine is 
 
 class ServerProcess:
     def __init__(self, args: list[str], wait_ready: bool = True, timeout_s: float = 300.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
+        """``launcher``: what runs ``-m csps.cli serve`` (default this Python; e.g. torchrun's command)."""
         self.args = list(args)
+        self.launcher = list(launcher or [sys.executable])
         self.wait_ready = wait_ready
         self.timeout_s = timeout_s
         self.env = {**os.environ, **(env or {})}
@@ -50,7 +52,7 @@ class ServerProcess:
         self._listening.set()  # the process ended
 
     def start(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "csps.cli", "serve", "--port", "0", *self.args]
+        cmd = [*self.launcher, "-m", "csps.cli", "serve", "--port", "0", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._listening.wait(self.timeout_s) or self.url is None:

@@ -1,11 +1,12 @@
-"""CUDA backends (flash-attn, ring-flash-attn) and their torch fallbacks vs the fp32 reference.
+"""CUDA backends (flash-attn, torch's CUDA SDPA kernels) and their torch fallbacks vs the fp32 reference.
 
 On CPU: the fallbacks equal ``attention_ref`` (1e-5, fp32); flash-attn is reported missing (one
 log line) and nothing imports it; the flash code paths (run decomposition, band windows, LSE
-layout, paged/gathered decode, ring plumbing and byte counts) run against ``_FakeFlash``, a plain
-torch model of flash-attn's documented semantics (bottom-right band masks, lse [B, H, Tq], +inf
-LSE for rows without keys, the paged block-size check). Tests marked ``cuda`` run the real
-kernels on a GPU and are skipped here.
+layout, paged/gathered decode) run against ``_FakeFlash``, a plain torch model of flash-attn's
+documented semantics (bottom-right band masks, lse [B, H, Tq], +inf LSE for rows without keys, the
+paged block-size check), and the torch CUDA path (``sdpa_with_lse``) against models of the two aten
+ops it calls (their layouts, the efficient kernel's LSE padded to 32 rows). The fakes are passed in
+as arguments. Tests marked ``cuda`` run the real kernels on a GPU and are skipped here.
 """
 
 import importlib.util
@@ -14,13 +15,12 @@ import subprocess
 import sys
 
 import csps.kernels.cuda_attention as ca
-import csps.parallel.cuda_ring as cr
 import pytest
 import torch
-import torch.distributed as dist
-from _dist import SPAWN_TIMEOUT_S, TOL, max_err, rand, rand_qkv, world_comm
+from _dist import TOL, max_err, rand, rand_qkv
 from csps.kernels import attention_ref, gather_kv
-from csps.parallel import Comm, ring_attention, shard_indices, spawn, zigzag_shards
+from csps.kernels.cuda_sdpa import sdpa_with_lse
+from csps.parallel import shard_indices, zigzag_shards
 
 D = 8
 BF16_TOL = 2e-2  # bf16 inputs and bf16 out rounding vs the fp32 reference on the same inputs
@@ -126,14 +126,13 @@ PREFILL_CASES = {  # name: (q_pos, k_pos)
 @pytest.mark.parametrize("window", [None, 1, 5, 30, 100])
 @pytest.mark.parametrize("case", sorted(PREFILL_CASES))
 @pytest.mark.parametrize("emulated", [False, True])
-def test_prefill_matches_ref(monkeypatch, case, window, emulated):
+def test_prefill_matches_ref(case, window, emulated):
     q_pos, k_pos = PREFILL_CASES[case]
     fake = _FakeFlash()
-    if emulated:  # the flash path, with the kernel replaced by its torch model
-        monkeypatch.setattr(ca, "_native", lambda q, k, v: fake)
     for seed, (hq, hkv) in enumerate([(6, 2), (4, 4)]):
         q, k, v = rand_qkv(seed, len(q_pos), len(k_pos), hq, hkv, D)
-        out, lse = ca.flash_prefill(q, k, v, q_pos, k_pos, 0.4, window)
+        # emulated: the flash path, with the kernel replaced by its torch model
+        out, lse = ca.flash_prefill(q, k, v, q_pos, k_pos, 0.4, window, flash=fake if emulated else None)
         ref_o, ref_l = attention_ref(q, k, v, q_pos, k_pos, 0.4, window)
         assert out.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == ref_l.shape
         assert max_err(out, ref_o) <= TOL and max_err(lse, ref_l) <= TOL, (case, window)
@@ -142,12 +141,59 @@ def test_prefill_matches_ref(monkeypatch, case, window, emulated):
         assert len(fake.calls) == 2
 
 
-def test_cpu_tensors_never_reach_flash(monkeypatch):
-    fake = _FakeFlash()
-    monkeypatch.setattr(ca, "_flash_module", lambda: fake)
+def test_cpu_tensors_never_reach_flash():
     q, k, v = rand_qkv(0, 5, 9, 4, 2, D)
-    ca.flash_prefill(q, k, v, torch.arange(4, 9), torch.arange(9))
-    assert fake.calls == [] and ca._native(q, k, v) is None
+    assert ca._native(q, k, v) is None  # whether or not flash-attn is installed
+
+
+# -- torch's CUDA kernels (no flash-attn) -------------------------------------------------------------
+
+def _sdpa_model(q, k, v, bias, causal, scale):
+    # q/k/v: [1, H, T, D] (equal heads: the caller repeats KV heads) -> out [1, H, Tq, D], lse [1, H, Tq]
+    assert q.shape[1] == k.shape[1] and (not causal or q.shape[2] == k.shape[2])
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    if bias is not None:
+        s = s + bias.float()
+    if causal:
+        s = s.masked_fill(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1), -INF)
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, -1), v.float())  # NaN where no key: as the kernels
+    return out.to(q.dtype), lse
+
+
+def _flash_op(q, k, v, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+    assert dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16)
+    out, lse = _sdpa_model(q, k, v, None, is_causal, scale)
+    return out, lse, None, None, q.shape[2], k.shape[2], None, None, None
+
+
+def _efficient_op(q, k, v, attn_bias, compute_log_sumexp, dropout_p=0.0, is_causal=False, *, scale=None):
+    assert compute_log_sumexp and dropout_p == 0.0
+    out, lse = _sdpa_model(q, k, v, attn_bias, is_causal, scale)
+    padded = -(-q.shape[2] // 32) * 32  # the kernel's LSE rows come in multiples of 32
+    lse = torch.cat([lse, torch.full((*lse.shape[:2], padded - q.shape[2]), 123.0)], -1)
+    return out, lse, None, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_with_lse_layouts_gqa_and_padding(dtype, masked):
+    q, k, v = (x.to(dtype) for x in rand_qkv(2, 37, 37 if not masked else 50, 6, 2, D))
+    mask = torch.rand(37, k.shape[0], generator=torch.Generator().manual_seed(4)) > 0.3 if masked else None
+    bias = None if mask is None else torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, -INF)[None, None]
+    causal = not masked
+    out, lse = sdpa_with_lse(q, k, v, 0.3, causal, bias, flash_op=_flash_op, efficient_op=_efficient_op)
+    q_pos, k_pos = torch.arange(37), torch.arange(k.shape[0])
+    ref_o, ref_l = attention_ref(q.float(), k.float(), v.float(), q_pos, k_pos if causal else None, 0.3) \
+        if not masked else (None, None)
+    if masked:  # the reference by hand: scores over the visible keys only
+        s = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(3, 1)) * 0.3
+        s = s.masked_fill(~mask[None], -INF)
+        ref_l = torch.logsumexp(s, -1).transpose(0, 1)
+        ref_o = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v.float().repeat_interleave(3, 1))
+    tol = TOL if dtype == torch.float32 else BF16_TOL
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (37, 6) and lse.dtype == torch.float32
+    assert max_err(out.float(), ref_o) <= tol and max_err(lse, ref_l) <= 1e-3
 
 
 # -- paged decode ---------------------------------------------------------------------------------
@@ -155,10 +201,8 @@ def test_cpu_tensors_never_reach_flash(monkeypatch):
 @pytest.mark.parametrize("block_size", [4, 256])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("emulated", [False, True])
-def test_decode_paged_matches_ref(monkeypatch, block_size, window, emulated):
+def test_decode_paged_matches_ref(block_size, window, emulated):
     fake = _FakeFlash()
-    if emulated:
-        monkeypatch.setattr(ca, "_native", lambda q, k, v: fake)
     lens = [5, 1, 0, 2 * block_size + 3]
     nb = -(-max(lens) // block_size)
     k_cache = rand(1, 1 + len(lens) * nb, block_size, 2, D)
@@ -166,7 +210,8 @@ def test_decode_paged_matches_ref(monkeypatch, block_size, window, emulated):
     perm = torch.randperm(len(lens) * nb, generator=torch.Generator().manual_seed(3)) + 1
     tables = perm.view(len(lens), nb)  # every sequence owns nb shuffled blocks (block 0 unused)
     q = rand(4, len(lens), 6, D)
-    out, lse = ca.flash_decode_paged(q, k_cache, v_cache, tables, torch.tensor(lens), 0.3, window)
+    out, lse = ca.flash_decode_paged(q, k_cache, v_cache, tables, torch.tensor(lens), 0.3, window,
+                                     flash=fake if emulated else None)
     for b, n in enumerate(lens):
         k, v = gather_kv(k_cache, v_cache, tables[b], n)
         ref_o, ref_l = attention_ref(q[b][None], k, v, torch.tensor([n - 1]), torch.arange(n), 0.3, window)
@@ -181,10 +226,8 @@ def test_decode_paged_matches_ref(monkeypatch, block_size, window, emulated):
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn installed")
 def test_flash_missing_is_logged_once(caplog):
     ca._flash_module.cache_clear()
-    cr._ring_flash_module.cache_clear()
     with caplog.at_level(logging.INFO):
         assert not ca.flash_available() and not ca.flash_available()
-        assert not cr.ring_flash_available()
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("csps.")]
     assert lines == ["flash-attn not installed: using the torch attention path"]
 
@@ -192,75 +235,16 @@ def test_flash_missing_is_logged_once(caplog):
 def test_importing_the_backends_imports_no_cuda_package():
     code = (
         "import sys\n"
-        "import csps.kernels.cuda_attention as ca, csps.parallel.cuda_ring as cr\n"
-        "bad = lambda: sorted(m for m in sys.modules if m.split('.')[0] in ('flash_attn', 'ring_flash_attn'))\n"
+        "import csps.kernels.cuda_attention as ca\n"
+        "bad = lambda: sorted(m for m in sys.modules if m.split('.')[0] in ('flash_attn',))\n"
         "assert bad() == [], bad()\n"
-        "ca.flash_available(); cr.ring_flash_available()\n"
+        "ca.flash_available()\n"
         "print(bad())\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     if importlib.util.find_spec("flash_attn") is None:
         assert res.stdout.strip() == "[]"
-
-
-# -- zigzag ring ------------------------------------------------------------------------------------
-
-class _FakeRingFlash:
-    """ring-flash-attn's zigzag entry point, computed by the csps ring on its own Comm."""
-
-    def __init__(self, world_size):
-        self.world_size = world_size
-
-    def zigzag_ring_flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                                    window_size=(-1, -1), alibi_slopes=None, deterministic=False,
-                                    return_attn_probs=False, group=None):
-        assert causal and return_attn_probs and window_size == (-1, -1) and group is dist.group.WORLD
-        assert q.dim() == 4 and q.shape[0] == 1 and q.shape[1] % 2 == 0
-        pos = [shard_indices(s) for s in zigzag_shards(q.shape[1] * self.world_size, self.world_size)]
-        own_comm = world_comm(self.world_size)  # bytes counted there do not reach the caller's Comm
-        o, l = ring_attention(q[0], pos[dist.get_rank()], k[0], v[0], pos, own_comm, scale=softmax_scale)
-        return o[None], l.transpose(0, 1)[None], None
-
-
-def _ring_rank(rank, world_size, n, emulated):
-    comm = world_comm(world_size)
-    if emulated:
-        cr._ring_flash = lambda q, k, num_tokens, c: _FakeRingFlash(world_size)
-    res = []
-    for seed, (hq, hkv) in enumerate([(6, 2), (4, 4)]):
-        q, k, v = rand_qkv(seed, n, n, hq, hkv, D)
-        pos = torch.arange(n)
-        ref_o, ref_l = attention_ref(q, k, v, pos, pos, 0.5)
-        idx = [shard_indices(s) for s in zigzag_shards(n, world_size)]
-        mine = idx[rank]
-        comm.reset_step()
-        o, l = cr.zigzag_ring_prefill(q[mine], k[mine], v[mine], comm, 0.5, num_tokens=n)
-        expected = sum(2 * len(idx[j]) * hkv * D * 4 for j in range(world_size) if j != (rank + 1) % world_size)
-        res.append(dict(out=max_err(o, ref_o[mine]), lse=max_err(l, ref_l[mine]),
-                        bytes=comm.bytes_step.get("pass_kv", 0), expected=expected if world_size > 1 else 0,
-                        dtypes=(o.dtype, l.dtype)))
-    # ring-flash-attn is used only when the group's rank order is comm's (checked on every rank)
-    res[0]["ranks_ok"] = world_size == 1 or dist.get_process_group_ranks(comm.process_group) == comm.ranks
-    return res
-
-
-@pytest.mark.parametrize("world_size, n, emulated", [
-    (1, 20, False), (2, 40, False), (2, 41, False), (4, 43, False), (2, 40, True), (4, 48, True),
-])
-def test_zigzag_ring_prefill(world_size, n, emulated):
-    for per_rank in spawn(_ring_rank, world_size, args=(n, emulated), timeout_s=SPAWN_TIMEOUT_S):
-        for case in per_rank:
-            assert case["out"] <= TOL and case["lse"] <= TOL, case
-            assert case["bytes"] == case["expected"], case
-            assert case["dtypes"] == (torch.float32, torch.float32)
-        assert per_rank[0]["ranks_ok"]
-
-
-def test_zigzag_ring_rejects_a_wrong_shard():
-    q, k, v = rand_qkv(0, 7, 7, 2, 2, D)
-    with pytest.raises(ValueError, match="zigzag shard"):
-        cr.zigzag_ring_prefill(q, k, v, Comm.single(), num_tokens=9)
 
 
 # -- on a GPU (skipped on CPU) ----------------------------------------------------------------------
@@ -305,27 +289,3 @@ def test_cuda_flash_decode_paged(block_size, window):
         k, v = gather_kv(k_cache.cpu(), v_cache.cpu(), tables[b], n)
         ref_o, ref_l = attention_ref(q[b][None].cpu(), k, v, torch.tensor([n - 1]), torch.arange(n), None, window)
         assert max_err(out[b].cpu(), ref_o[0]) <= BF16_TOL and max_err(lse[b].cpu(), ref_l[0]) <= BF16_TOL
-
-
-def _nccl_ring_rank(rank, world_size, n):
-    torch.cuda.set_device(rank)
-    group = dist.new_group(list(range(world_size)), backend="nccl")  # the spawn world is gloo
-    comm = Comm(group, list(range(world_size)))
-    q, k, v = (x.to(torch.bfloat16) for x in rand_qkv(5, n, n, 8, 2, 64))
-    pos = torch.arange(n)
-    ref_o, ref_l = attention_ref(q, k, v, pos, pos)
-    mine = shard_indices(zigzag_shards(n, world_size)[rank])
-    o, l = cr.zigzag_ring_prefill(q[mine].cuda(), k[mine].cuda(), v[mine].cuda(), comm)
-    return dict(out=max_err(o.cpu(), ref_o[mine]), lse=max_err(l.cpu(), ref_l[mine]),
-                bytes=comm.bytes_total.get("pass_kv", 0), expected=(world_size - 1) * 2 * len(mine) * 2 * 64 * 2,
-                used_ring_flash=cr.ring_flash_available())
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_cuda_zigzag_ring_nccl():
-    if not cr.ring_flash_available():
-        pytest.skip("ring-flash-attn not installed")
-    for res in spawn(_nccl_ring_rank, 2, args=(512,), timeout_s=SPAWN_TIMEOUT_S):
-        assert res["used_ring_flash"] and res["bytes"] == res["expected"], res
-        assert res["out"] <= BF16_TOL and res["lse"] <= BF16_TOL, res

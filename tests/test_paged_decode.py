@@ -62,7 +62,7 @@ def test_paged_decode_matches_reference(impl, dtype, head_map, window):
     heads = HeadGroups.of(hq, 2, head_map)
     scale = 0.3
     fn = paged_decode if impl == "kernel" else paged_decode_torch
-    out, lse = fn(q, kc, vc, tables, rows, kv_lens, heads, scale, window)
+    out, lse = fn(q, kc, vc, tables, rows, kv_lens, max(lens), heads, scale, window)
     ro, rl = _reference(q, kc, vc, per_seq, kv_lens, heads, scale, window)
     assert out.shape == q.shape and lse.dtype == torch.float32
     assert (out - ro).abs().max() <= 2e-5
@@ -72,10 +72,10 @@ def test_paged_decode_matches_reference(impl, dtype, head_map, window):
 def test_paged_decode_bf16_queries_and_empty_batch():
     q, kc, vc, tables, rows, kv_lens, per_seq = _case([5, 90], dtype=torch.bfloat16)
     heads = HeadGroups.of(6, 2)
-    out, lse = paged_decode(q.bfloat16(), kc, vc, tables, rows, kv_lens, heads, 0.2)
+    out, lse = paged_decode(q.bfloat16(), kc, vc, tables, rows, kv_lens, 90, heads, 0.2)
     ro, rl = _reference(q.bfloat16().float(), kc, vc, per_seq, kv_lens, heads, 0.2)
     assert out.dtype == torch.bfloat16 and (out.float() - ro).abs().max() <= 2e-2 and (lse - rl).abs().max() <= 1e-4
-    e_out, e_lse = paged_decode(q[:0], kc, vc, tables, rows[:0], kv_lens[:0], heads, 0.2)
+    e_out, e_lse = paged_decode(q[:0], kc, vc, tables, rows[:0], kv_lens[:0], 0, heads, 0.2)
     assert e_out.shape == (0, 6, 32) and e_lse.shape == (0, 6)
 
 

@@ -109,3 +109,20 @@ def test_torchrun_launch_two_ranks(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "layout sp=2 x tp=1" in p.stderr and "6 generated" in p.stderr
+
+
+def test_torchrun_serves_from_rank_0_only():
+    # torchrun starts `csps serve` twice: rank 0 serves HTTP (its engine process joins the torchrun world as
+    # rank 0), rank 1 only serves rank 0's step plans
+    import httpx
+    from csps.parallel.launch import free_port
+    from csps.server.testing import ServerProcess
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    with ServerProcess(["--model", "dummy:tiny", "--dtype", "float32", "--sp", "2", "--sp-threshold", "16"],
+                       launcher=launcher, timeout_s=240) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "dummy:tiny", "prompt": list(range(3, 40)),
+                                                          "max_tokens": 5, "temperature": 0}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert srv.log.count("csps API listening on") == 1
+        assert "layout sp=2 x tp=1" in srv.log

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import msgpack
-
 from csps.core import kv_placement as kp
 
 Ranges = list[tuple[int, int]]
@@ -98,10 +96,14 @@ class StepPlan:
         return not self.seqs and not self.sp_seqs
 
     def to_bytes(self) -> bytes:
+        import msgpack  # only a multi-rank world serializes plans
+
         return msgpack.packb(asdict(self), use_bin_type=True)
 
     @staticmethod
     def from_bytes(data: bytes) -> StepPlan:
+        import msgpack
+
         d = msgpack.unpackb(data, raw=False, strict_map_key=False)
 
         def seq(x: dict) -> SeqWork:

@@ -28,16 +28,17 @@ from csps.core.plan_builder import PlanBuilder, sample_order
 from csps.core.request import Request, Status
 from csps.core.sampling_params import SamplingParams
 from csps.core.scheduler import Scheduler, SchedulerOutput
+from csps.device import kv_cache_budget_bytes
 from csps.dtypes import dtype_bytes, torch_dtype
 from csps.engine.exchange import ExchangePolicy
 from csps.engine.outputs import OutputState, RequestOutput
-from csps.engine.rank_runtime import BYTE_KINDS, RankRuntime
+from csps.engine.rank_runtime import BYTE_KINDS, RankRuntime, sample_shapes
 from csps.engine.rank_world import RankWorld, check_layout
 from csps.engine.sampler import RequestSampler, SampleRow, sample
 from csps.engine.tokenizer import Tokenizer, load_tokenizer
 from csps.engine.weights import load_model_weights, memory_available_bytes
 from csps.errors import CspsError, RequestError
-from csps.perf.hardware import load_or_probe
+from csps.perf.hardware import HardwareProfile, LinkProfile, get_profile, load_or_probe
 from csps.perf.step_timer import StepTimer
 
 log = logging.getLogger("csps.engine")
@@ -61,14 +62,25 @@ class StepRecord:
 StepObserver = Callable[[SchedulerOutput, StepRecord], None]
 
 
-def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int) -> int:
+def device_profile(device: str, dtype_bytes_: int, link: LinkProfile | None = None) -> HardwareProfile:
+    """The cost model's view of this rank's device: a published GPU profile on CUDA, this CPU's probe
+    (cached per machine) otherwise; ``link``: the measured SP link, when there is one."""
+    if device == "cuda":
+        from csps.device import gpu_profile_name
+
+        profile = get_profile(gpu_profile_name())
+        return profile if link is None else profile.with_(intra_link=link)
+    return load_or_probe(num_threads=torch.get_num_threads(), dtype_bytes=dtype_bytes_, link=link)
+
+
+def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int, weight_bytes_per_rank: int = 0) -> int:
     """Number of KV blocks per rank: explicit, or from a memory budget, capped by what can be used."""
     bs = cfg.cache.block_size
     if cfg.cache.num_blocks is not None:
         return cfg.cache.num_blocks
     budget = cfg.cache.kv_cache_bytes
     if budget is None:
-        budget = min(2 << 30, memory_available_bytes() // 4)
+        budget = kv_cache_budget_bytes(cfg.device, weight_bytes_per_rank, memory_available_bytes())
     blocks = max(2, budget // (kv_bytes_per_token * bs))
     # never more than the running requests could fill (nor 64 full contexts)
     usable = -(-min(cfg.scheduler.max_num_seqs, 64) * max_model_len // bs) + 1
@@ -77,8 +89,9 @@ def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int)
 
 def kv_pool_blocks(config: EngineConfig, model_cfg) -> int:
     """Blocks per rank, identical on every rank (a TP rank holds its share of the KV heads)."""
-    per_token = model_cfg.kv_bytes_per_token(dtype_bytes(config.dtype), config.parallel.tp)
-    return size_kv_pool(config, per_token, config.scheduler.max_model_len)
+    e = dtype_bytes(config.dtype)
+    per_token = model_cfg.kv_bytes_per_token(e, config.parallel.tp)
+    return size_kv_pool(config, per_token, config.scheduler.max_model_len, model_cfg.num_params() * e // config.parallel.tp)
 
 
 class Engine:
@@ -131,7 +144,7 @@ class Engine:
         self._finalizer = weakref.finalize(self, self._world.close)  # stops the ranks when we are dropped
         self._world.start(self.config, model_cfg, state_dict, num_blocks)
         self.rt = RankRuntime(self.config, (model_cfg, state_dict), num_blocks)
-        self._world.world = self.rt.groups.world
+        self._world.world = self.rt.groups.control  # the shutdown plan goes where plans go
         self.model, self.cache = self.rt.model, self.rt.cache
         try:
             link = self.rt.handshake()
@@ -141,15 +154,16 @@ class Engine:
         forced = "ulysses" if p.sp_attn == "ulysses" else (None if p.sp_exchange == "auto" else p.sp_exchange)
         self.exchange = None  # only sequence-parallel chunks choose an exchange
         if p.sp > 1:
-            self.exchange = ExchangePolicy.calibrate(model_cfg, dtype_bytes(self.config.dtype), p.sp, p.tp, link,
-                                                     torch.get_num_threads(), forced)
+            profile = device_profile(self.config.device, dtype_bytes(self.config.dtype), link)
+            self.exchange = ExchangePolicy.calibrate(model_cfg, dtype_bytes(self.config.dtype), p.sp, p.tp, profile,
+                                                     forced)
         self._last_bytes: dict[str, int] = {}
 
     def _make_step_timer(self) -> StepTimer:
         """The cost model on this machine's probed profile (cached per machine), for adaptive chunking."""
         p = self.config.parallel
-        profile = self.exchange.profile if self.exchange is not None else load_or_probe(
-            num_threads=torch.get_num_threads(), dtype_bytes=dtype_bytes(self.config.dtype))
+        profile = self.exchange.profile if self.exchange is not None else device_profile(
+            self.config.device, dtype_bytes(self.config.dtype))
         budget = self.config.scheduler.step_time_budget_ms
         log.info("prefill chunks sized to a step time budget of %s (cost model on %s, corrected by measured steps)",
                  f"{budget:g} ms" if budget else "the decodes plus one fresh token-budget chunk", profile.name)
@@ -209,7 +223,7 @@ class Engine:
         req = Request(req_id, ids, params, arrival_s if arrival_s is not None else time.perf_counter())
         self.states[req_id] = OutputState(req, self.tokenizer, self.eos_ids, self.max_model_len)
         self.samplers[req_id] = RequestSampler(
-            torch.Generator().manual_seed(params.seed) if params.seed is not None else None)
+            torch.Generator(self.rt.device).manual_seed(params.seed) if params.seed is not None else None)
         self.scheduler.add(req)
         return req_id
 
@@ -238,14 +252,16 @@ class Engine:
             raise CspsError(f"the engine is dead: {self.dead.splitlines()[0]}")
         if not self._finalizer.alive:
             raise CspsError("the engine was shut down")
-        world, tp = self.rt.groups.world, self.config.parallel.tp
+        g, tp = self.rt.groups, self.config.parallel.tp
         try:
-            if world.size > 1:  # every world rank gets its SP rank's plan (TP peers the same one)
+            if g.world_size > 1:  # every world rank gets its SP rank's plan (TP peers the same one)
                 blobs = [p.to_bytes() for p in plans]
-                world.scatter_bytes([blobs[w // tp] for w in range(world.size)], src=0, kind="plan")
+                g.control.scatter_bytes([blobs[w // tp] for w in range(g.world_size)], src=0, kind="plan")
             hidden = self.rt.execute(plans[0])
-            parts = world.gather_to(hidden, dst=0, kind="sample")
-            stats = world.gather_to(self.rt.step_bytes_tensor(), dst=0, kind="stats")
+            parts = g.world.gather_to(hidden, dst=0, kind="sample",
+                                      shapes=sample_shapes(plans, tp, self.model_config.hidden_size))
+            stats = g.control.gather_to(self.rt.step_bytes_tensor(), dst=0, kind="stats",
+                                        shapes=[(len(BYTE_KINDS),)] * g.world_size)
         except Exception as e:  # noqa: BLE001 - a rank failed mid-step
             raise self._failure(e) from None
         total = torch.stack(stats).sum(0).tolist()

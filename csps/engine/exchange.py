@@ -17,15 +17,15 @@ import torch
 from csps.config import ModelConfig
 from csps.parallel.comm import Comm
 from csps.perf.cost_model import choose_exchange
-from csps.perf.hardware import HardwareProfile, LinkProfile, load_or_probe
+from csps.perf.hardware import HardwareProfile, LinkProfile
 
 log = logging.getLogger("csps.exchange")
 
 
 def measure_link(comm: Comm, num_bytes: int = 4 << 20, reps: int = 3) -> LinkProfile:
     """Ring-exchange bandwidth and small-message latency over ``comm`` (collective on every rank)."""
-    big = torch.zeros(num_bytes // 4, dtype=torch.float32)
-    small = torch.zeros(16, dtype=torch.float32)
+    big = torch.zeros(num_bytes // 4, dtype=torch.float32, device=comm.device)
+    small = torch.zeros(16, dtype=torch.float32, device=comm.device)
     comm.ring_send_recv([small], [(small.shape, small.dtype)], "calibrate").wait()  # warm up
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -49,10 +49,11 @@ class ExchangePolicy:
         self.forced = forced  # "ulysses", or a fixed exchange for experiments
 
     @staticmethod
-    def calibrate(model: ModelConfig, dtype_bytes: int, sp: int, tp: int, link: LinkProfile,
-                  num_threads: int, forced: str | None = None) -> ExchangePolicy:
-        profile = load_or_probe(num_threads=num_threads, dtype_bytes=dtype_bytes, link=link)
+    def calibrate(model: ModelConfig, dtype_bytes: int, sp: int, tp: int, profile: HardwareProfile,
+                  forced: str | None = None) -> ExchangePolicy:
+        """``profile``: the device's compute numbers with the SP link measured at start-up."""
         policy = ExchangePolicy(model, dtype_bytes, sp, tp, profile, forced)
+        link = profile.link_for(sp * tp)
         log.info("SP exchange calibrated: attention %.1f GFLOP/s, link %.2f GB/s, latency %.0f us; "
                  "pass-KV hides for chunks >= %d tokens per step", profile.peak_flops_for(dtype_bytes)
                  * profile.attention_efficiency / 1e9, link.bandwidth_bytes_per_s / 1e9, link.latency_s * 1e6,

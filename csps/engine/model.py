@@ -57,9 +57,11 @@ class LlamaModel:
         dtype: torch.dtype,
         tp: TPShard | None = None,
         tp_comm: AllReduce | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.cfg = cfg
         self.dtype = dtype
+        self.device = torch.device(device)
         self.tp = tp or TPShard()
         self.tp_comm = tp_comm
         if self.tp.tp_size > cfg.num_heads:
@@ -74,7 +76,7 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:
             if name not in state_dict:
                 raise KeyError(f"weight {name} missing from the checkpoint")
-            return state_dict[name].to(dtype)
+            return state_dict[name].to(device=self.device, dtype=dtype)
 
         self.embed = w("model.embed_tokens.weight")
         self.layers: list[Layer] = []
@@ -108,6 +110,7 @@ class LlamaModel:
         self.inv_freq, self.rope_factor = rope_inv_freq(
             d, cfg.rope_theta, RopeScaling.from_hf(cfg.rope_scaling)
         )
+        self.inv_freq = self.inv_freq.to(self.device)
         self.scale = d**-0.5
         self._split = [self.num_local_heads * d, self.num_local_kv_heads * d, self.num_local_kv_heads * d]
         # local query head -> local KV head, where they do not group evenly (uneven TP head splits)

@@ -23,10 +23,11 @@ class KVCacheTensors:
     """One rank's KV cache: per layer k/v [num_blocks, block_size, Hkv_local, D] (zero-filled)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.device = torch.device(device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.bytes = 2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * self.k[0].element_size()
@@ -69,6 +70,7 @@ class LocalAttention:
         self.window = sliding_window
         self.heads = heads
         self.tables = tables
+        dev = cache.device  # positions stay on the CPU (they steer the kernels); indices go to the device
         bs = cache.block_size
         slots: list[int] = []
         decode_rows: list[int] = []
@@ -88,18 +90,20 @@ class LocalAttention:
                 q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
                 runs = block_runs(block_ids[: -(-s.num_kv // bs)])
                 self.prefills.append(_Prefill(
-                    rows=slice(row, row + n), block_ids=torch.tensor(block_ids, dtype=torch.int64),
+                    rows=slice(row, row + n), block_ids=torch.tensor(block_ids, dtype=torch.int64).to(dev),
                     num_kv=s.num_kv, q_pos=q_pos, k_pos=torch.arange(s.num_kv), fresh=s.num_kv_before == 0,
                     span=runs[0] if len(runs) == 1 else None))
             row += n
         self.num_rows = row
-        self.slots = torch.tensor(slots, dtype=torch.int64)
+        self.slots = torch.tensor(slots, dtype=torch.int64).to(dev)
         # decodes come first in a plan: their rows are then one slice of the batch
         contiguous = decode_rows == list(range(len(decode_rows)))
-        self.decode_rows = slice(0, len(decode_rows)) if contiguous else torch.tensor(decode_rows, dtype=torch.int64)
+        self.decode_rows = (slice(0, len(decode_rows)) if contiguous
+                            else torch.tensor(decode_rows, dtype=torch.int64).to(dev))
         self.num_decodes = len(decode_rows)
-        self.decode_table_rows = tables.rows(decode_ids)
-        self.decode_lens = torch.tensor(lens, dtype=torch.int64)
+        self.decode_table_rows = tables.rows(decode_ids).to(dev)
+        self.decode_lens = torch.tensor(lens, dtype=torch.int64).to(dev)
+        self.max_decode_len = max(lens, default=0)
 
     def _expand(self, k: torch.Tensor) -> torch.Tensor:
         # k: [..., Hkv_l, D] -> [..., Hq_l, D] when local query heads do not group evenly
@@ -129,7 +133,8 @@ class LocalAttention:
         """Attention for this context's rows (the first ``num_rows`` of q/k/v), into ``out``."""
         if self.num_decodes:
             o, _ = paged_decode(q[self.decode_rows], self.cache.k[layer], self.cache.v[layer], self.tables.tensor,
-                                self.decode_table_rows, self.decode_lens, self.heads, self.scale, self.window)
+                                self.decode_table_rows, self.decode_lens, self.max_decode_len, self.heads,
+                                self.scale, self.window)
             out[self.decode_rows] = o
         for p in self.prefills:
             kk, vv = self.prefill_kv(layer, p, k, v)

@@ -18,7 +18,7 @@ import torch
 
 from csps.core.plan import SeqWork, StepPlan, ranges_to_list
 from csps.core.tp_shard import TPShard
-from csps.device import cpu_binding
+from csps.device import cpu_binding, distributed_backend, rank_device
 from csps.dtypes import torch_dtype
 from csps.engine.block_tables import RankBlockTables
 from csps.engine.exchange import measure_link
@@ -38,14 +38,17 @@ BYTE_KINDS = ("plan", "sample", "pass_kv", "pass_q", "pass_q_pos", "pass_q_out",
               "tp_allreduce")
 
 
-def batch_tensors(seqs: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed batch: token ids [T] and positions [T] (int64), sequence after sequence."""
+def batch_tensors(seqs: list[SeqWork], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed batch on ``device``: token ids [T] and positions [T] (int64), sequence after sequence."""
     ids: list[int] = []
     pos: list[int] = []
     for s in seqs:
         ids.extend(s.token_ids)
         pos.extend(ranges_to_list(s.pos))
-    return torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
+    both = torch.tensor([ids, pos], dtype=torch.int64)  # one host-to-device copy
+    if device.type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    return both[0], both[1]
 
 
 def sample_rows(seqs: list[SeqWork]) -> list[int]:
@@ -58,21 +61,35 @@ def sample_rows(seqs: list[SeqWork]) -> list[int]:
     return rows
 
 
+def sample_shapes(plans: list[StepPlan], tp: int, hidden_size: int) -> list[tuple[int, int]]:
+    """The shape of every world rank's sampled hidden states: its SP rank's sampling sequences (on TP
+    rank 0; TP peers return none), so rank 0 gathers them without a shape exchange."""
+    def rows(plan: StepPlan) -> int:
+        return sum(s.sample for s in plan.seqs) + sum(s.mine.sample for s in plan.sp_seqs)
+
+    return [(rows(plans[w // tp]) if w % tp == 0 else 0, hidden_size) for w in range(len(plans) * tp)]
+
+
 class RankRuntime:
     def __init__(self, config, weights, num_blocks: int) -> None:
         p = config.parallel
         self.config = config
-        self.groups: ParallelGroups = build_groups(p.sp, p.tp)
+        self.device = rank_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.groups: ParallelGroups = build_groups(p.sp, p.tp, self.device)
         model_cfg, state_dict = weights
         dtype = torch_dtype(config.dtype)
         shard = TPShard(self.groups.tp_rank, p.tp)
-        self.model = LlamaModel(model_cfg, state_dict, dtype, shard, tp_comm=self.groups.tp_comm)
+        self.model = LlamaModel(model_cfg, state_dict, dtype, shard, tp_comm=self.groups.tp_comm, device=self.device)
         self.cache = KVCacheTensors(model_cfg.num_layers, num_blocks, config.cache.block_size,
-                                    self.model.num_local_kv_heads, model_cfg.head_dim, dtype)
-        self.tables = RankBlockTables(-(-config.scheduler.max_model_len // config.cache.block_size))
+                                    self.model.num_local_kv_heads, model_cfg.head_dim, dtype, self.device)
+        self.tables = RankBlockTables(-(-config.scheduler.max_model_len // config.cache.block_size), device=self.device)
         self.heads = HeadGroups.of(self.model.num_local_heads, self.model.num_local_kv_heads, self.model.kv_head_map)
-        cpu_ext.load()  # build or load the C++ CPU kernels now, not in the first step (logged; may fall back)
-        self._pin_threads()
+        self.heads = self.heads.to(self.device)
+        if self.device.type == "cpu":
+            cpu_ext.load()  # build or load the C++ CPU kernels now, not in the first step (logged; may fall back)
+            self._pin_threads()
         self.fault = config.debug_fault  # (world rank, step id): tests inject a failure
 
     def _pin_threads(self) -> None:
@@ -101,7 +118,7 @@ class RankRuntime:
         """Applies the plan's block-table changes, runs it; final hidden states [T, H] of every new token."""
         self.tables.apply(plan)
         seqs = plan.seqs + [s.mine for s in plan.sp_seqs]
-        input_ids, positions = batch_tensors(seqs)
+        input_ids, positions = batch_tensors(seqs, self.device)
         return self.model.forward(input_ids, positions, self.attention_for(plan))
 
     @torch.inference_mode()
@@ -109,7 +126,7 @@ class RankRuntime:
         """Hidden states [num_sampled, H] of the rows this rank samples (none on TP ranks > 0)."""
         if self.fault is not None and self.fault == (self.groups.world_rank, plan.step_id):
             raise RuntimeError(f"injected fault at step {plan.step_id}")
-        empty = torch.zeros(0, self.model.cfg.hidden_size, dtype=self.model.dtype)
+        empty = torch.zeros(0, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
         if plan.empty:
             self.tables.apply(plan)
             return empty
@@ -119,8 +136,10 @@ class RankRuntime:
         return hidden[sample_rows(plan.seqs + [s.mine for s in plan.sp_seqs])].contiguous()
 
     def step_bytes_tensor(self) -> torch.Tensor:
-        """Bytes this rank sent in the step, per kind in ``BYTE_KINDS`` (all its communicators), then reset."""
-        comms = {id(c): c for c in (self.groups.world, self.groups.sp_comm, self.groups.tp_comm)}
+        """Bytes this rank sent in the step, per kind in ``BYTE_KINDS`` (all its communicators), then reset;
+        a CPU tensor, for the control group."""
+        g = self.groups
+        comms = {id(c): c for c in (g.world, g.sp_comm, g.tp_comm, g.control)}
         totals = [sum(c.bytes_step.get(k, 0) for c in comms.values()) for k in BYTE_KINDS]
         for c in comms.values():
             c.reset_step()
@@ -135,14 +154,14 @@ class RankRuntime:
 
 def rank_loop(rt: RankRuntime) -> None:
     """Ranks 1..W-1: execute their plans until told to stop."""
-    world = rt.groups.world
+    world, control = rt.groups.world, rt.groups.control
     while True:
-        plan = StepPlan.from_bytes(world.scatter_bytes(None, src=0, kind="plan"))
+        plan = StepPlan.from_bytes(control.scatter_bytes(None, src=0, kind="plan"))
         if plan.shutdown:
             return
         hidden = rt.execute(plan)
-        world.gather_to(hidden, dst=0, kind="sample")
-        world.gather_to(rt.step_bytes_tensor(), dst=0, kind="stats")
+        world.gather_to(hidden, dst=0, kind="sample", shapes=())  # rank 0 knows every shape from the plans
+        control.gather_to(rt.step_bytes_tensor(), dst=0, kind="stats", shapes=())
 
 
 def child_main(rank: int, world_size: int, config, weights, num_blocks: int) -> None:
@@ -172,7 +191,7 @@ def torchrun_worker_main(config, weights, num_blocks: int) -> None:
     """A non-zero rank launched by torchrun: join the rendezvous, serve plans, exit the process."""
     from csps.parallel.groups import init_distributed
 
-    init_distributed(config.parallel.backend)
+    init_distributed(distributed_backend(config.device, config.parallel.backend))
     code = 0
     try:
         child_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config, weights,

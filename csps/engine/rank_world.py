@@ -14,6 +14,7 @@ import os
 import torch
 
 from csps.core.plan import StepPlan
+from csps.device import check_ranks_per_node, distributed_backend
 from csps.errors import CspsError
 
 log = logging.getLogger("csps.rank_world")
@@ -28,8 +29,16 @@ def is_torchrun_worker() -> bool:
     return under_torchrun() and int(os.environ["RANK"]) != 0
 
 
+def check_devices(config) -> None:
+    """Refuse more CUDA ranks on this node than it has GPUs (before weights load and ranks start)."""
+    p = config.parallel
+    num_local = int(os.environ.get("LOCAL_WORLD_SIZE", p.world_size)) if under_torchrun() else p.world_size
+    check_ranks_per_node(config.device, num_local)
+
+
 def check_layout(config, model_cfg) -> None:
     """Refuse impossible layouts before any rank starts."""
+    check_devices(config)
     p = config.parallel
     if p.tp > model_cfg.num_heads:
         raise CspsError(f"--tp {p.tp} exceeds the model's {model_cfg.num_heads} attention heads")
@@ -42,7 +51,7 @@ def check_layout(config, model_cfg) -> None:
             raise CspsError(f"--sp-attn ulysses needs at least one KV head per SP rank: {kv_local} KV heads "
                             f"per TP rank for --sp {p.sp}; use --sp-attn ring")
     cores = os.cpu_count() or 1
-    if p.world_size > cores and not torch.cuda.is_available():
+    if p.world_size > cores and config.device == "cpu":
         log.warning("%d ranks on %d CPU cores: ranks will time-share the cores", p.world_size, cores)
 
 
@@ -82,7 +91,7 @@ class RankWorld:
         if under_torchrun():
             from csps.parallel.groups import init_distributed
 
-            init_distributed(config.parallel.backend)
+            init_distributed(distributed_backend(config.device, config.parallel.backend))
             self.owns_group = True
             agree_num_blocks(num_blocks)
             return
@@ -91,7 +100,8 @@ class RankWorld:
         refuse_if_ranks_running()
         shared = SharedWeights(state_dict)  # the ranks map the weights instead of copying them
         try:
-            self.rank_group = RankGroup(world, child_main, args=(config, (model_cfg, shared), num_blocks))
+            self.rank_group = RankGroup(world, child_main, args=(config, (model_cfg, shared), num_blocks),
+                                        backend=distributed_backend(config.device, config.parallel.backend))
             self.owns_group = True
             self.rank_group.join_as_rank0()
         except Exception as e:  # noqa: BLE001

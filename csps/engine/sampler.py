@@ -24,26 +24,31 @@ from csps.core.sampling_params import SamplingParams
 class RequestSampler:
     """What sampling remembers about one request between steps."""
 
-    generator: torch.Generator | None = None  # the request's seed, if it gave one
+    generator: torch.Generator | None = None  # the request's seed, if it gave one (on the logits' device)
     seen: torch.Tensor | None = None  # bool [V]: tokens in the prompt or output (repetition penalty)
     counts: torch.Tensor | None = None  # fp32 [V]: how often each token was generated (presence/frequency)
     num_folded: int = 0  # output tokens already counted in seen/counts
 
-    def fold(self, p: SamplingParams, prompt_ids: list[int], output_ids: list[int], vocab: int) -> None:
+    def fold(self, p: SamplingParams, prompt_ids: list[int], output_ids: list[int], vocab: int,
+             device: torch.device) -> None:
         """Bring seen/counts up to date: the prompt once, then only the tokens generated since."""
         new = output_ids[self.num_folded :]
+
+        def ids(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64).to(device)
+
         if p.repetition_penalty != 1.0:
             if self.seen is None:
-                self.seen = torch.zeros(vocab, dtype=torch.bool)
-                self.seen[torch.tensor(prompt_ids, dtype=torch.int64)] = True
+                self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+                self.seen[ids(prompt_ids)] = True
             if new:
-                self.seen[torch.tensor(new, dtype=torch.int64)] = True
+                self.seen[ids(new)] = True
         if p.presence_penalty or p.frequency_penalty:
             if self.counts is None:
-                self.counts = torch.zeros(vocab, dtype=torch.float32)
+                self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
                 new = output_ids
             if new:
-                self.counts.index_add_(0, torch.tensor(new, dtype=torch.int64), torch.ones(len(new)))
+                self.counts.index_add_(0, ids(new), torch.ones(len(new), device=device))
         self.num_folded = len(output_ids)
 
 
@@ -62,26 +67,26 @@ class Sampled:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _column(rows: list[SampleRow], get, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor([get(r.params) for r in rows], dtype=dtype)[:, None]  # [n, 1]
+def _column(rows: list[SampleRow], get, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor([get(r.params) for r in rows], dtype=dtype).to(device)[:, None]  # [n, 1]
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """logits: [n, V] fp32 of rows that all need penalties (modified in place and returned)."""
-    vocab = logits.shape[1]
+    vocab, dev = logits.shape[1], logits.device
     for r in rows:
-        r.state.fold(r.params, r.prompt_ids, r.output_ids, vocab)
+        r.state.fold(r.params, r.prompt_ids, r.output_ids, vocab, dev)
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     if rep:
         sel = logits[rep]
-        rp = _column([rows[i] for i in rep], lambda p: p.repetition_penalty)
+        rp = _column([rows[i] for i in rep], lambda p: p.repetition_penalty, dev)
         seen = torch.stack([rows[i].state.seen for i in rep])
         logits[rep] = torch.where(seen, torch.where(sel > 0, sel / rp, sel * rp), sel)
     pf = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
     if pf:
         counts = torch.stack([rows[i].state.counts for i in pf])
-        freq = _column([rows[i] for i in pf], lambda p: p.frequency_penalty)
-        pres = _column([rows[i] for i in pf], lambda p: p.presence_penalty)
+        freq = _column([rows[i] for i in pf], lambda p: p.frequency_penalty, dev)
+        pres = _column([rows[i] for i in pf], lambda p: p.presence_penalty, dev)
         logits[pf] = logits[pf] - (freq * counts + pres * (counts > 0).float())
     return logits
 
@@ -90,17 +95,18 @@ def filter_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Mask what top-k, then min-p and top-p (on the top-k distribution) exclude, with -inf.
     logits: [n, V] fp32, already divided by each row's temperature."""
     n, vocab = logits.shape
-    top_k = torch.tensor([r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows])
-    if bool((top_k > 0).any()):
-        k_max = int(top_k.max())
-        values = torch.topk(logits, k_max, dim=-1).values  # [n, k_max], descending
+    dev = logits.device
+    ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]  # decisions from Python values:
+    if any(ks):  # no device sync
+        top_k = torch.tensor(ks).to(dev)
+        values = torch.topk(logits, max(ks), dim=-1).values  # [n, k_max], descending
         kth = values.gather(1, (top_k.clamp(min=1) - 1)[:, None])
         kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = _column(rows, lambda p: p.top_p)
-    min_p = _column(rows, lambda p: p.min_p)
+    top_p = _column(rows, lambda p: p.top_p, dev)
+    min_p = _column(rows, lambda p: p.min_p, dev)
     nucleus = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]
-    if nucleus or bool((min_p > 0).any()):
+    if nucleus or any(r.params.min_p > 0 for r in rows):
         probs = torch.softmax(logits, dim=-1)
         drop = probs < min_p * probs.max(dim=-1, keepdim=True).values
         if nucleus:
@@ -113,7 +119,7 @@ def filter_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 
 def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Random rows: temperature, filters, then one exponential race per row. Token ids [n] int64."""
-    logits = filter_logits(logits / _column(rows, lambda p: p.temperature), rows)
+    logits = filter_logits(logits / _column(rows, lambda p: p.temperature, logits.device), rows)
     probs = torch.softmax(logits, dim=-1)
     race = torch.empty_like(probs).exponential_()
     for i, r in enumerate(rows):  # seeded requests draw from their own stream (vLLM does the same)

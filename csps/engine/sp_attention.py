@@ -48,11 +48,13 @@ class _SPSeq:
     (key positions, the block-id tensor) is built only if a path reads it: a decode without a window
     needs neither."""
 
-    def __init__(self, s: SPSeqWork, me: int, sp: int, granule: int, block_ids: list[int], row: int) -> None:
+    def __init__(self, s: SPSeqWork, me: int, sp: int, granule: int, block_ids: list[int], row: int,
+                 device: torch.device) -> None:
         self.work = s
         self.mine: SeqWork = s.mine
         self.rows = slice(row, row + self.mine.num_tokens)
         self.block_table = block_ids
+        self.device = device
         self.shares = s.shares(sp, granule)
         self.layout = (sp, granule)
         self.q_pos = [torch.tensor(ranges_to_list(w.pos), dtype=torch.int64) for w in self.shares]
@@ -62,7 +64,7 @@ class _SPSeq:
 
     @functools.cached_property
     def block_ids(self) -> torch.Tensor:
-        return torch.tensor(self.block_table, dtype=torch.int64)
+        return torch.tensor(self.block_table, dtype=torch.int64).to(self.device)
 
     @functools.cached_property
     def k_pos(self) -> list[torch.Tensor]:
@@ -84,15 +86,16 @@ class SPAttention:
         self.local = LocalAttention(local, tables, cache, scale, heads, sliding_window)
         self.cache, self.comm, self.scale, self.window = cache, sp_comm, scale, sliding_window
         self.tables, self.heads = tables, heads
-        self.kv_head_map = None if heads.grouped else heads.kv_of_q
+        self.kv_head_map = None if heads.grouped else heads.kv_of_q  # on the cache's device
         row = self.local.num_rows
         self.seqs: list[_SPSeq] = []
         slots = [self.local.slots]
         for s in sp_seqs:
-            seq = _SPSeq(s, sp_comm.rank, sp_comm.size, cache.block_size, tables[s.req_id], row)
+            seq = _SPSeq(s, sp_comm.rank, sp_comm.size, cache.block_size, tables[s.req_id], row, cache.device)
             self.seqs.append(seq)
             row += seq.mine.num_tokens
-            slots.append(torch.tensor(slots_for(seq.mine, seq.block_table, cache.block_size), dtype=torch.int64))
+            slots.append(torch.tensor(slots_for(seq.mine, seq.block_table, cache.block_size),
+                                      dtype=torch.int64).to(cache.device))
         self.slots = torch.cat(slots)
         self.decodes = [s for s in self.seqs if s.is_decode]
         self.prefills = [s for s in self.seqs if not s.is_decode]
@@ -134,12 +137,14 @@ class SPAttention:
         q_pos_mine = torch.cat([s.q_pos[me] for s in mine]) if mine else torch.zeros(0, dtype=torch.int64)
         if self.window is None:
             # every query sees all of this rank's KV of its sequence: one paged decode call over it, in place
-            rows = self.tables.rows([s.work.req_id for s in order])
-            lens = torch.tensor([s.mine.num_kv for s in order], dtype=torch.int64)
+            dev = self.cache.device
+            rows = self.tables.rows([s.work.req_id for s in order]).to(dev)
+            lens = [s.mine.num_kv for s in order]
+            lens_t = torch.tensor(lens, dtype=torch.int64).to(dev)
 
             def local_attn(q_all: torch.Tensor, q_pos_all: torch.Tensor):
-                return paged_decode(q_all, self.cache.k[layer], self.cache.v[layer], self.tables.tensor, rows, lens,
-                                    self.heads, self.scale)
+                return paged_decode(q_all, self.cache.k[layer], self.cache.v[layer], self.tables.tensor, rows, lens_t,
+                                    max(lens, default=0), self.heads, self.scale)
         else:  # a window is a rule on positions, which a rank's zigzag share does not keep consecutive
             def local_attn(q_all: torch.Tensor, q_pos_all: torch.Tensor):
                 outs, lses = [], []

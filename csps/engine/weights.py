@@ -78,13 +78,16 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, what: str) -> None:
         )
 
 
-def load_dummy(preset: str, dtype: torch.dtype, seed: int = 0, init_std: float = 0.02):
+def load_dummy(preset: str, dtype: torch.dtype, seed: int = 0, init_std: float = 0.02,
+               device: torch.device | str = "cpu"):
+    """Random weights of a preset's real shapes, made on ``device`` (a GPU makes 8B of them in seconds)."""
     cfg = preset_config(preset)
-    check_fits(cfg, dtype, f"dummy:{preset}")
-    gen = torch.Generator().manual_seed(seed)
+    if torch.device(device).type == "cpu":
+        check_fits(cfg, dtype, f"dummy:{preset}")
+    gen = torch.Generator(device).manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * init_std).to(dtype)
+        return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * init_std)
 
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(cfg.vocab_size, h)}
@@ -100,9 +103,9 @@ def load_dummy(preset: str, dtype: torch.dtype, seed: int = 0, init_std: float =
         sd[p + "mlp.gate_proj.weight"] = rand(inter, h)
         sd[p + "mlp.up_proj.weight"] = rand(inter, h)
         sd[p + "mlp.down_proj.weight"] = rand(h, inter)
-        sd[p + "input_layernorm.weight"] = torch.ones(h, dtype=dtype)
-        sd[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
-    sd["model.norm.weight"] = torch.ones(h, dtype=dtype)
+        sd[p + "input_layernorm.weight"] = torch.ones(h, dtype=dtype, device=device)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype, device=device)
+    sd["model.norm.weight"] = torch.ones(h, dtype=dtype, device=device)
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = rand(cfg.vocab_size, h)
     return cfg, sd
