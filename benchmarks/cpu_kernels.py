@@ -7,10 +7,9 @@
           cached tokens, 1 thread) over the ring's KV blocks: the engine's placement (pieces of one
           16-token KV block: query tiles, and a sweep of the tile size) and two pieces per rank (runs of
           consecutive positions), each vs one dense masked pass
-  decode  decode attention over the paged cache (gather + attention), 30 layers, batches 1/8/32 of 560
-          tokens with interleaved block tables
-  decode_long  decode attention of batches 1/4/8 at 8k context with blocks in runs of 32, 30 layers: read in
-          place (a fused call per run of blocks) vs gathered into the padded batch
+  decode  decode attention over the paged cache for a step (30 layers), batches 1/8/32 of 560 tokens in
+          shuffled blocks: the C++ kernel (blocks read in place) vs its plain-torch twin (gather + attention)
+  decode_long  the same at 8k context, batches 1/4/8
   step    the engine's decode-only step for SmolLM2 at batches 1/8/32 (512-token prompts)
 
 Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long step]   (~6 min)
@@ -23,17 +22,11 @@ import os
 import statistics
 import sys
 import time
-from unittest import mock
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import save, table  # noqa: E402
-from csps.kernels import (
-    attention_torch,  # noqa: E402
-    decode_attention,  # noqa: E402
-)
-from csps.kernels.paged import gather_kv_padded  # noqa: E402
+from csps.kernels import attention_torch  # noqa: E402
 
 from csps.presets import preset_config  # noqa: E402
 
@@ -114,51 +107,42 @@ def bench_zigzag(chunk: int = 4096, cached: int = 8192, block: int = 16) -> dict
     return {"granular_block16": granular, "two_pieces": two, "q_tile_sweep_ms": sweep, "threads": 1}
 
 
-def bench_decode(ctx: int = 560, bs: int = 16) -> dict:
+def _paged_case(batch: int, ctx: int, bs: int = 16, seed: int = 0):
+    """A paged cache holding ``batch`` sequences of ``ctx`` tokens in shuffled blocks (as decodes interleave)."""
+    g = torch.Generator().manual_seed(seed)
     nblk = -(-ctx // bs)
-    kc = torch.randn(32 * nblk + 1, bs, M.num_kv_heads, M.head_dim)
-    vc = torch.randn_like(kc)
+    kc = torch.randn(batch * nblk + 1, bs, M.num_kv_heads, M.head_dim, generator=g)
+    vc = torch.randn(batch * nblk + 1, bs, M.num_kv_heads, M.head_dim, generator=g)
+    tables = (torch.randperm(batch * nblk, generator=g) + 1).view(batch, nblk).int()
+    q = torch.randn(batch, M.num_heads, M.head_dim, generator=g)
+    return q, kc, vc, tables, torch.arange(batch), torch.full((batch,), ctx)
+
+
+def _decode_kernel_vs_twin(batches, ctx: int) -> dict:
+    """Decode attention of a step (30 layers): the C++ kernel reading blocks in place vs its plain-torch
+    twin (gather into a padded batch, then fp32 attention)."""
+    from csps.kernels import cpu_ext
+    from csps.kernels.decode import HeadGroups, paged_decode, paged_decode_torch
+
+    if not cpu_ext.available():
+        raise SystemExit(f"the C++ CPU kernels are unavailable: {cpu_ext.load()}")
+    heads = HeadGroups.of(M.num_heads, M.num_kv_heads)
     out = {}
-    for b in (1, 8, 32):
-        tables = torch.arange(b * nblk).view(nblk, b).t().contiguous() + 1  # interleaved, as decodes grow
-        lens = torch.full((b,), ctx)
-        q = torch.randn(b, M.num_heads, M.head_dim)
-        gather = ms(lambda: gather_kv_padded(kc, vc, tables))
-        kk, vv = gather_kv_padded(kc, vc, tables)
-        attend = ms(lambda: decode_attention(q, kk, vv, lens))
-        out[b] = {"gather_ms_per_step": gather * M.num_layers, "attention_ms_per_step": attend * M.num_layers}
+    for b in batches:
+        q, kc, vc, tables, rows, lens = _paged_case(b, ctx)
+        args = (q, kc, vc, tables, rows, lens, ctx, heads, M.head_dim**-0.5)
+        kernel = ms(lambda: paged_decode(*args)) * M.num_layers
+        twin = ms(lambda: paged_decode_torch(*args), reps=3) * M.num_layers
+        out[b] = {"kernel_ms_per_step": kernel, "torch_twin_ms_per_step": twin, "twin_over_kernel": twin / kernel}
     return out
 
 
-def bench_decode_long(ctx: int = 8192, bs: int = 16, run_blocks: int = 32) -> dict:
-    """Decodes of long contexts whose blocks come in runs of ``run_blocks`` (a 512-token prefill chunk
-    allocates 32 blocks together): read in place (a fused call per run) vs gathered into the padded batch."""
-    from csps.core.plan import SeqWork
-    from csps.engine import paged_attention as attn_context
-    from csps.engine.paged_attention import KVCacheTensors, LocalAttention
+def bench_decode() -> dict:
+    return _decode_kernel_vs_twin((1, 8, 32), ctx=560)
 
-    nblk = -(-ctx // bs)
-    out = {}
-    for b in (1, 4, 8):
-        num_blocks = b * nblk + run_blocks + 1
-        cache = KVCacheTensors(1, num_blocks, bs, M.num_kv_heads, M.head_dim, torch.float32)
-        cache.k[0].normal_()
-        cache.v[0].normal_()
-        # request i's j-th run of blocks sits after the j-th runs of requests 0..i-1 (interleaved chunks)
-        tables = [[1 + (j * b + i) * run_blocks + x for j in range(-(-nblk // run_blocks)) for x in range(run_blocks)][:nblk]
-                  for i in range(b)]
-        seqs = [SeqWork(req_id=str(i), token_ids=[1], pos=[(ctx - 1, ctx)], new_block_ids=[], num_kv_before=ctx - 1,
-                        is_decode=True) for i in range(b)]
-        q = torch.randn(b, M.num_heads, M.head_dim)
-        k, v = torch.randn(b, M.num_kv_heads, M.head_dim), torch.randn(b, M.num_kv_heads, M.head_dim)
-        timed = {}
-        for label, min_tokens in (("in_place", attn_context.IN_PLACE_MIN_TOKENS), ("gathered", 1 << 62)):
-            with mock.patch.object(attn_context, "IN_PLACE_MIN_TOKENS", min_tokens):
-                attn = LocalAttention(seqs, tables, cache, scale=M.head_dim**-0.5)
-            timed[label] = ms(lambda: attn(0, q, k, v), reps=5) * M.num_layers
-        out[b] = {"in_place_ms_per_step": timed["in_place"], "gathered_ms_per_step": timed["gathered"],
-                  "gathered_over_in_place": timed["gathered"] / timed["in_place"]}
-    return out
+
+def bench_decode_long() -> dict:
+    return _decode_kernel_vs_twin((1, 4, 8), ctx=8192)
 
 
 def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
@@ -209,13 +193,11 @@ def main() -> None:
                      for k, v in blocks.items()],
                     ("layout", "keys", "tiles/runs ms", "masked ms", "ratio")))
         print(table([(t, f"{v:.0f}") for t, v in res["zigzag"]["q_tile_sweep_ms"].items()], ("Q_TILE", "own share ms")))
-    if "decode_long" in res:
-        print(table([(b, f"{v['in_place_ms_per_step']:.0f}", f"{v['gathered_ms_per_step']:.0f}",
-                      f"{v['gathered_over_in_place']:.2f}x") for b, v in res["decode_long"].items()],
-                    ("batch", "in place ms/step", "gathered ms/step", "ratio")))
-    if "decode" in res:
-        print(table([(b, f"{v['gather_ms_per_step']:.0f}", f"{v['attention_ms_per_step']:.0f}")
-                     for b, v in res["decode"].items()], ("batch", "gather ms/step", "attention ms/step")))
+    for part in ("decode", "decode_long"):
+        if part in res:
+            print(table([(b, f"{v['kernel_ms_per_step']:.1f}", f"{v['torch_twin_ms_per_step']:.1f}",
+                          f"{v['twin_over_kernel']:.1f}x") for b, v in res[part].items()],
+                        ("batch", "C++ kernel ms/step", "torch twin ms/step", "ratio")))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,17 @@ def gpu_profile_name() -> str:
     log.info("no hardware profile for %s: the cost model starts from the H100's and corrects itself from "
              "measured steps", name)
     return "h100"
+
+
+def device_profile(device: str, dtype_bytes: int, link=None):
+    """The cost model's view of a rank's device (``csps.perf.hardware.HardwareProfile``): a published GPU
+    profile on CUDA, this CPU's probe (cached per machine and thread count) otherwise; ``link``: the SP
+    link measured at start-up, when there is one."""
+    from csps.perf.hardware import get_profile, load_or_probe
+
+    if device == "cuda":
+        profile = get_profile(gpu_profile_name())
+        return profile if link is None else profile.with_(intra_link=link)
+    import torch
+
+    return load_or_probe(num_threads=torch.get_num_threads(), dtype_bytes=dtype_bytes, link=link)

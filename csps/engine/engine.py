@@ -28,7 +28,7 @@ from csps.core.plan_builder import PlanBuilder, sample_order
 from csps.core.request import Request, Status
 from csps.core.sampling_params import SamplingParams
 from csps.core.scheduler import Scheduler, SchedulerOutput
-from csps.device import kv_cache_budget_bytes
+from csps.device import device_profile, kv_cache_budget_bytes
 from csps.dtypes import dtype_bytes, torch_dtype
 from csps.engine.exchange import ExchangePolicy
 from csps.engine.outputs import OutputState, RequestOutput
@@ -38,7 +38,6 @@ from csps.engine.sampler import RequestSampler, SampleRow, sample
 from csps.engine.tokenizer import Tokenizer, load_tokenizer
 from csps.engine.weights import load_model_weights, memory_available_bytes
 from csps.errors import CspsError, RequestError
-from csps.perf.hardware import HardwareProfile, LinkProfile, get_profile, load_or_probe
 from csps.perf.step_timer import StepTimer
 
 log = logging.getLogger("csps.engine")
@@ -60,17 +59,6 @@ class StepRecord:
 # Called after every non-empty step with what the scheduler decided and what the step took: how the
 # benchmark and simulator tools watch the engine (nothing patches it).
 StepObserver = Callable[[SchedulerOutput, StepRecord], None]
-
-
-def device_profile(device: str, dtype_bytes_: int, link: LinkProfile | None = None) -> HardwareProfile:
-    """The cost model's view of this rank's device: a published GPU profile on CUDA, this CPU's probe
-    (cached per machine) otherwise; ``link``: the measured SP link, when there is one."""
-    if device == "cuda":
-        from csps.device import gpu_profile_name
-
-        profile = get_profile(gpu_profile_name())
-        return profile if link is None else profile.with_(intra_link=link)
-    return load_or_probe(num_threads=torch.get_num_threads(), dtype_bytes=dtype_bytes_, link=link)
 
 
 def size_kv_pool(cfg: EngineConfig, kv_bytes_per_token: int, max_model_len: int, weight_bytes_per_rank: int = 0) -> int:
