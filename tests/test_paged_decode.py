@@ -145,6 +145,13 @@ def test_rank_block_tables_rows_follow_plans():
     assert rt["a"] == [3, 4, 9] and "b" not in rt.row_of and rt.tensor[1 - rt.row_of["a"]].tolist() == [0] * 4
     with pytest.raises(ValueError, match="beyond"):
         rt.apply(StepPlan(step_id=3, seqs=[w("a", [10, 11])]))
+    # consecutive blocks are one slab of the cache (read without a gather), tracked as plans arrive
+    rt.apply(StepPlan(step_id=4, seqs=[w("c", [20, 21]), w("d", [30, 32])]))
+    assert rt.span("c", 2) == (20, 2) and rt.span("d", 2) is None and rt.span("a", 3) is None
+    rt.apply(StepPlan(step_id=5, seqs=[w("c", [22]), w("e", [40])]))
+    assert rt.span("c", 3) == (20, 3) and rt.span("e", 1) == (40, 1)
+    rt.apply(StepPlan(step_id=6, seqs=[w("c", [24])]))
+    assert rt.span("c", 4) is None and rt.block_ids("c", 4).tolist() == [20, 21, 22, 24]
 
 
 def test_an_engine_pins_its_threads_and_gives_the_cpus_back():

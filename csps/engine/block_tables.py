@@ -19,6 +19,7 @@ class RankBlockTables:
         self.tensor = torch.zeros(num_rows, max_blocks_per_seq, dtype=torch.int32, device=device)  # [rows, W]
         self.tables: dict[str, list[int]] = {}
         self.row_of: dict[str, int] = {}
+        self.one_run: dict[str, bool] = {}  # the request's blocks are consecutive ids (its KV is one slab)
         self._free_rows = list(range(num_rows - 1, -1, -1))
 
     def apply(self, plan: StepPlan) -> None:
@@ -33,6 +34,7 @@ class RankBlockTables:
     def drop(self, req_id: str) -> None:
         table = self.tables.pop(req_id, None)
         row = self.row_of.pop(req_id, None)
+        self.one_run.pop(req_id, None)
         if row is not None:
             self.tensor[row, : len(table)] = 0
             self._free_rows.append(row)
@@ -42,12 +44,16 @@ class RankBlockTables:
         if table is None:
             table = self.tables[s.req_id] = []
             self.row_of[s.req_id] = self._take_row()
-        if s.new_block_ids:
-            n0, n1 = len(table), len(table) + len(s.new_block_ids)
+            self.one_run[s.req_id] = True
+        new = s.new_block_ids
+        if new:
+            n0, n1 = len(table), len(table) + len(new)
             if n1 > self.max_blocks:
                 raise ValueError(f"request {s.req_id} holds {n1} KV blocks on this rank, beyond the "
                                  f"{self.max_blocks} a context of max_model_len tokens needs")
-            table.extend(s.new_block_ids)
+            starts_after = not table or new[0] == table[-1] + 1
+            self.one_run[s.req_id] &= starts_after and all(b == a + 1 for a, b in zip(new, new[1:]))
+            table.extend(new)
             self.tensor[self.row_of[s.req_id], n0:n1] = torch.tensor(s.new_block_ids, dtype=torch.int32)
 
     def _take_row(self) -> int:
@@ -59,6 +65,17 @@ class RankBlockTables:
 
     def __getitem__(self, req_id: str) -> list[int]:
         return self.tables.get(req_id, [])
+
+    def block_ids(self, req_id: str, num_blocks: int) -> torch.Tensor:
+        """The request's first ``num_blocks`` block ids, as int64 on the table's device (no Python list)."""
+        return self.tensor[self.row_of[req_id], :num_blocks].long()
+
+    def span(self, req_id: str, num_blocks: int) -> tuple[int, int] | None:
+        """(first block, count) when the request's first ``num_blocks`` blocks are consecutive ids: its KV is
+        then one slab of the cache, read without a gather."""
+        if not self.one_run.get(req_id):
+            return None
+        return self.tables[req_id][0], num_blocks
 
     def rows(self, req_ids: list[str]) -> torch.Tensor:
         """The table rows of these requests: [len(req_ids)] int64."""

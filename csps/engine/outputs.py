@@ -19,10 +19,11 @@ class TokenLogprob:
 
 @dataclass
 class RequestOutput:
+    """One request's state after a step. ``token_ids`` and ``text`` (everything so far) are cut from the
+    request's growing output only when read, so a step's outputs cost the same at token 10 and 10,000."""
+
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]  # all generated so far
-    text: str  # all generated text so far (stop string removed)
     new_token_ids: list[int]  # generated in this step
     new_text: str  # text released in this step (stream this)
     finished: bool
@@ -32,6 +33,20 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    _all_ids: list[int] = field(default_factory=list, repr=False)  # the request's output list (only grows)
+    _num_ids: int = 0
+    _all_text: str = ""
+    _text_end: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All tokens generated so far."""
+        return self._all_ids[: self._num_ids]
+
+    @property
+    def text(self) -> str:
+        """All text generated so far (a stop string removed)."""
+        return self._all_text[: self._text_end]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -90,8 +105,10 @@ class OutputState:
         return RequestOutput(
             request_id=req.req_id,
             prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(req.output_token_ids),
-            text=self.text[:end] if not finished else self.text,
+            _all_ids=req.output_token_ids,
+            _num_ids=len(req.output_token_ids),
+            _all_text=self.text,
+            _text_end=len(self.text) if finished else end,
             new_token_ids=list(new_ids),
             new_text=new_text,
             finished=finished,

@@ -38,17 +38,6 @@ def slots_for(seq: SeqWork, block_ids: list[int], block_size: int) -> list[int]:
     return [block_ids[i // block_size] * block_size + i % block_size for i in range(seq.num_kv_before, seq.num_kv)]
 
 
-def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
-    """(first block, count) of each run of consecutive block ids, in order."""
-    runs: list[tuple[int, int]] = []
-    for b in block_ids:
-        if runs and runs[-1][0] + runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((b, 1))
-    return runs
-
-
 @dataclass
 class _Prefill:
     rows: slice
@@ -88,11 +77,11 @@ class LocalAttention:
                 lens.append(s.num_kv)
             else:
                 q_pos = torch.tensor(ranges_to_list(s.pos), dtype=torch.int64)
-                runs = block_runs(block_ids[: -(-s.num_kv // bs)])
+                num_blocks = -(-s.num_kv // bs)
                 self.prefills.append(_Prefill(
-                    rows=slice(row, row + n), block_ids=torch.tensor(block_ids, dtype=torch.int64).to(dev),
+                    rows=slice(row, row + n), block_ids=tables.block_ids(s.req_id, num_blocks),
                     num_kv=s.num_kv, q_pos=q_pos, k_pos=torch.arange(s.num_kv), fresh=s.num_kv_before == 0,
-                    span=runs[0] if len(runs) == 1 else None))
+                    span=tables.span(s.req_id, num_blocks)))
             row += n
         self.num_rows = row
         self.slots = torch.tensor(slots, dtype=torch.int64).to(dev)

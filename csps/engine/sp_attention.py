@@ -48,13 +48,12 @@ class _SPSeq:
     (key positions, the block-id tensor) is built only if a path reads it: a decode without a window
     needs neither."""
 
-    def __init__(self, s: SPSeqWork, me: int, sp: int, granule: int, block_ids: list[int], row: int,
-                 device: torch.device) -> None:
+    def __init__(self, s: SPSeqWork, me: int, sp: int, granule: int, tables: RankBlockTables, row: int) -> None:
         self.work = s
         self.mine: SeqWork = s.mine
         self.rows = slice(row, row + self.mine.num_tokens)
-        self.block_table = block_ids
-        self.device = device
+        self.tables = tables
+        self.block_table = tables[s.req_id]
         self.shares = s.shares(sp, granule)
         self.layout = (sp, granule)
         self.q_pos = [torch.tensor(ranges_to_list(w.pos), dtype=torch.int64) for w in self.shares]
@@ -64,7 +63,7 @@ class _SPSeq:
 
     @functools.cached_property
     def block_ids(self) -> torch.Tensor:
-        return torch.tensor(self.block_table, dtype=torch.int64).to(self.device)
+        return self.tables.block_ids(self.work.req_id, len(self.block_table))
 
     @functools.cached_property
     def k_pos(self) -> list[torch.Tensor]:
@@ -91,7 +90,7 @@ class SPAttention:
         self.seqs: list[_SPSeq] = []
         slots = [self.local.slots]
         for s in sp_seqs:
-            seq = _SPSeq(s, sp_comm.rank, sp_comm.size, cache.block_size, tables[s.req_id], row, cache.device)
+            seq = _SPSeq(s, sp_comm.rank, sp_comm.size, cache.block_size, tables, row)
             self.seqs.append(seq)
             row += seq.mine.num_tokens
             slots.append(torch.tensor(slots_for(seq.mine, seq.block_table, cache.block_size),
