@@ -98,6 +98,10 @@ def tbt_series(requests: list[RequestSample], origin_s: float = 0.0,
                      reference_p99_s)
 
 
+def _dur(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
 def plot_tbt(runs: dict[str, TbtSeries], path: str | Path, title: str = "", columns: int | None = None) -> Path:
     """One panel per run (``columns`` per row), shared axes: gaps on a log scale against time, the long
     prompt's prefill shaded (arrival to first token), the run's p99 and the p99 without the long prompt."""
@@ -118,13 +122,13 @@ def plot_tbt(runs: dict[str, TbtSeries], path: str | Path, title: str = "", colu
         if s.long_arrival_s is not None:
             end = s.long_first_token_s if s.long_first_token_s is not None else s.long_arrival_s
             ax.axvspan(s.long_arrival_s, end, color="tab:orange", alpha=0.12,
-                       label=f"long prompt: arrival to first token ({end - s.long_arrival_s:.3g} s)")
+                       label=f"long prompt: arrival to first token ({_dur(end - s.long_arrival_s)})")
             ax.axvline(s.long_arrival_s, color="tab:orange", lw=1)
         if s.p99_s:
-            ax.axhline(s.p99_s, color="black", ls="--", lw=1, label=f"p99 TBT {s.p99_s * 1e3:.3g} ms")
+            ax.axhline(s.p99_s, color="black", ls="--", lw=1, label=f"p99 TBT {_dur(s.p99_s)}")
         if s.reference_p99_s:
             ax.axhline(s.reference_p99_s, color="tab:green", ls=":", lw=1.5,
-                       label=f"p99 without the long prompt {s.reference_p99_s * 1e3:.3g} ms")
+                       label=f"p99 without the long prompt {_dur(s.reference_p99_s)}")
         ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7, loc="best")
