@@ -20,11 +20,13 @@ def wait_for_quiet(max_load: float = 0.8, max_wait_s: float = 1800.0) -> float:
     return load
 
 
-def run_csps(name: str, args: list[str], plot: bool = False, quiet: bool = True) -> int:
+def run_csps(name: str, args: list[str], plot: bool = False, quiet: bool = True, plot_tbt: bool = False) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     args = list(args) + ["--json", str(RESULTS / f"{name}.json"), "--no-progress"]
     if plot:
         args += ["--plot", str(RESULTS / f"{name}.png")]
+    if plot_tbt:
+        args += ["--plot-tbt", str(RESULTS / f"{name}_tbt.png")]
     load = wait_for_quiet() if quiet else os.getloadavg()[0]
     cmd = [sys.executable, "-m", "csps.cli", *args]
     header = f"$ csps {' '.join(args)}\n# load average before the run: {load:.2f}\n"

@@ -76,6 +76,38 @@ def test_compare_policies_side_by_side_on_a_long_prompt_mix(tmp_path, capsys):
     assert res["stall-free"]["max_prefill_tokens_per_step"] <= 512  # chunks within the token budget
 
 
+def test_compare_chunking_with_long_baselines_on_the_real_engine(tmp_path, capsys):
+    """Time budget vs token budget, each on the workload, without its long prompt and on the long prompt alone:
+    six runs of one engine config on the same requests, the report and the TBT plot."""
+    from csps.cli import main
+
+    out, png = tmp_path / "chunking.json", tmp_path / "tbt.png"
+    code = main(["bench", "--model", "dummy:tiny", "--prompt-len", "64", "--output-len", "16", "--num-prompts", "3",
+                 "--long-prompt-len", "1k", "--long-output-len", "2", "--long-arrival", "0.05", "--compare-chunking",
+                 "--long-baselines", "--no-progress", "--json", str(out), "--plot-tbt", str(png)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "ratio = token-budget / time-budget" in text and "TBT ratio" in text
+    doc = json.loads(out.read_text())
+    res, report = doc["results"], doc["long_arrival"]
+    variants = ("", "/without-long", "/long-alone")
+    assert set(res) == {f"{m}{v}" for m in ("time-budget", "token-budget") for v in variants}
+    for mode, adaptive in (("time-budget", True), ("token-budget", False)):
+        assert res[mode]["scheduler"] == {"policy": "stall-free", "adaptive_chunking": adaptive,
+                                          "step_time_budget_ms": None, "token_budget": 512}
+        assert res[mode]["num_finished"] == 4 and res[mode]["long_prompt_ttft_s"] > 0
+        assert res[f"{mode}/without-long"]["num_finished"] == 3
+        assert res[f"{mode}/without-long"]["long_prompt_ttft_s"] is None
+        alone = res[f"{mode}/long-alone"]
+        assert alone["num_finished"] == 1 and alone["tbt_s"]["count"] == 1
+        assert alone["prefill_tokens"] == 1024 and alone["max_prefill_tokens_per_step"] == 512  # same budget
+        row = report[mode]
+        assert row["tbt_p99_ratio"] == pytest.approx(res[mode]["tbt_s"]["p99"]
+                                                     / res[f"{mode}/without-long"]["tbt_s"]["p99"])
+        assert row["long_ttft_ratio"] == pytest.approx(res[mode]["long_prompt_ttft_s"] / alone["long_prompt_ttft_s"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_max_time_refuses_with_a_suggestion(capsys):
     from csps.cli import main
 

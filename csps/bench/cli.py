@@ -133,7 +133,17 @@ def add_bench_parser(sub, add_engine_args) -> None:
     g = p.add_argument_group("bench")
     g.add_argument("--compare-policies", action="store_true",
                    help="run stall-free and prefill-first side by side on the same workload")
+    g.add_argument("--compare-chunking", action="store_true",
+                   help="run stall-free batching with prefill chunks sized to the step time budget "
+                        "(--step-time-budget-ms, auto unless a number is given) and to the token budget alone, "
+                        "side by side on the same workload")
+    g.add_argument("--long-baselines", action="store_true",
+                   help="with --long-prompt-len: also run the same requests without the long prompt and the long "
+                        "prompt alone, and report p99 TBT with/without it and its TTFT with the others/alone")
     g.add_argument("--plot", default=None, metavar="FILE.png", help="draw the step timeline")
+    g.add_argument("--plot-tbt", default=None, metavar="FILE.png",
+                   help="draw every generated token's gap (TBT) against its time, one panel per run, the long "
+                        "prompt's arrival and first token marked")
     g.add_argument("--max-time", type=parse_seconds, default=600.0,
                    help="refuse runs the cost model predicts to take longer (default 10m)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -47,6 +47,7 @@ class RealRun:
     steps: list[StepSample] = field(default_factory=list)
     shapes: list[StepShape] = field(default_factory=list)  # one per step, in order
     requests: list[RequestSample] = field(default_factory=list)
+    origin_s: float = 0.0  # perf_counter() at the run's time 0 (request metrics are perf_counter() readings)
 
 
 class ShapeRecorder:
@@ -66,7 +67,8 @@ def engine_strategy(config) -> Strategy:
     p = config.parallel
     return Strategy(name="local", sp=p.sp, tp=p.tp, exchange="ulysses" if p.sp_attn == "ulysses" else "auto",
                     policy=config.scheduler.policy, token_budget=config.scheduler.token_budget,
-                    sp_threshold_tokens=p.sp_threshold_tokens)
+                    sp_threshold_tokens=p.sp_threshold_tokens, adaptive_chunking=config.scheduler.adaptive_chunking,
+                    step_time_budget_ms=config.scheduler.step_time_budget_ms)
 
 
 # --- this machine's profile ---------------------------------------------------------------------
@@ -193,7 +195,7 @@ def run_real(engine, specs: list[RequestSpec], *, label: str = "run", progress: 
     summary = summarize_run(samples, steps, peak_flops_per_s=peak_flops_per_s,
                             kv_bytes_per_block=kv_bytes_per_block(model, e, engine.config.cache.block_size, p.tp),
                             num_ranks=p.sp)
-    return RealRun(label, summary, steps, shapes, samples)
+    return RealRun(label, summary, steps, shapes, samples, origin_s=t0)
 
 
 def per_rank_profile(hw: HardwareProfile, world: int) -> HardwareProfile:
@@ -277,56 +279,86 @@ def warm_up(engine) -> None:
 
 
 def main_real(a) -> int:
+    """Every set-up (policy, chunking) on every workload variant, each on a fresh engine of the same config,
+    the variants cut from one workload (``csps.bench.variants``)."""
     from csps.bench.report import document, format_table, git_revision, write_json
+    from csps.bench.variants import (
+        format_long_report,
+        long_arrival_report,
+        ratio_columns,
+        run_name,
+        run_setups,
+        select,
+        workload_variants,
+    )
     from csps.cli_args import engine_kwargs
     from csps.llm import make_engine_config
 
     git = git_revision()  # the code that runs: the tree may change during a long run
+    setups, variants = run_setups(a), workload_variants(a)
     lengths = workload_from_args(a, with_ids=False)
     kw = engine_kwargs(a)
+    # one budget for every variant: the long prompt alone must be chunked as it is among the others
     kw["token_budget"] = a.token_budget or auto_token_budget(len(lengths), max(s.prompt_len for s in lengths),
                                                              a.block_size)
-    policies = ["stall-free", "prefill-first"] if a.compare_policies else [a.schedule_policy]
     model = preset_model_config(a.model)
     max_len = max(s.prompt_len + s.output_len for s in lengths)
     warn_long_context(max_len, model)
     print(f"workload: {len(lengths)} request(s), longest {max_len} tokens; token budget {kw['token_budget']}"
           + ("" if a.token_budget else " (auto; set with --token-budget)"))
     runs, predicted = {}, {}
-    for policy in policies:
-        kw["schedule_policy"] = policy
-        config = make_engine_config(**{k: v for k, v in kw.items() if k != "max_model_len"})
-        if model is not None:  # predict before loading anything
-            predicted[policy] = check_max_time(lengths, config, model, a.max_time, a.model)
-        engine = build_engine(kw, lengths)
-        try:
-            if model is None:
-                model = engine.model_config
-                predicted[policy] = check_max_time(lengths, config, model, a.max_time, a.model)
-            print(f"[{policy}] predicted {predicted[policy][0]:.1f} s by the cost model "
-                  f"({predicted[policy][1]} profile of this machine)")
-            vocab = min(model.vocab_size, engine.tokenizer.vocab_size if engine.tokenizer else model.vocab_size)
-            specs = workload_from_args(a, engine.tokenizer, vocab)
-            warm_up(engine)
-            if a.wait_quiet:
-                log.info("waited %.0f s for other jobs to leave the CPU", wait_for_quiet(a.wait_quiet))
-            runs[policy] = run_real(engine, specs, label=policy, progress=not a.no_progress,
-                                    peak_flops_per_s=matmul_peak_flops(dtype_bytes(config.dtype)))
-            runs[policy].summary["predicted_duration_s"] = predicted[policy][0]
-        finally:
-            engine.shutdown()
-            del engine
+    for variant in variants:
+        for setup in setups:
+            name = run_name(setup.name, variant)
+            kw.update(schedule_policy=setup.policy, adaptive_chunking=setup.adaptive_chunking,
+                      step_time_budget_ms=setup.step_time_budget_ms)
+            config = make_engine_config(**{k: v for k, v in kw.items() if k != "max_model_len"})
+            if model is not None:  # predict before loading anything
+                predicted[name] = check_max_time(select(lengths, variant), config, model, a.max_time, a.model)
+            engine = build_engine(kw, lengths)  # sized for the whole workload: one engine config for every variant
+            try:
+                if model is None:
+                    model = engine.model_config
+                if name not in predicted:
+                    predicted[name] = check_max_time(select(lengths, variant), config, model, a.max_time, a.model)
+                print(f"[{name}] predicted {predicted[name][0]:.1f} s by the cost model "
+                      f"({predicted[name][1]} profile of this machine)")
+                vocab = min(model.vocab_size, engine.tokenizer.vocab_size if engine.tokenizer else model.vocab_size)
+                specs = select(workload_from_args(a, engine.tokenizer, vocab), variant)
+                warm_up(engine)
+                if a.wait_quiet:
+                    log.info("waited %.0f s for other jobs to leave the CPU", wait_for_quiet(a.wait_quiet))
+                runs[name] = run_real(engine, specs, label=name, progress=not a.no_progress,
+                                      peak_flops_per_s=matmul_peak_flops(dtype_bytes(config.dtype)))
+                runs[name].summary["predicted_duration_s"] = predicted[name][0]
+                runs[name].summary["scheduler"] = {**setup.scheduler_fields(), "token_budget": kw["token_budget"]}
+            finally:
+                engine.shutdown()
+                del engine
     summaries = {name: r.summary for name, r in runs.items()}
-    print(format_table(summaries, ratio_of=("prefill-first", "stall-free") if a.compare_policies else None))
-    config_doc = {"engine": {**kw, "dtype": config.dtype}, "workload": workload_dict(a),
-                  "max_time_s": a.max_time, "model_config": model}
+    print(format_table({s.name: summaries[s.name] for s in setups}, ratio_of=ratio_columns(setups)))
+    report = None
+    if len(variants) > 1:
+        report = long_arrival_report(summaries, [s.name for s in setups])
+        print(format_long_report(report))
+    config_doc = {"engine": {**kw, "dtype": config.dtype}, "workload": workload_dict(a), "setups": setups,
+                  "variants": variants, "max_time_s": a.max_time, "model_config": model}
     path = a.json or default_json_path("real")
-    write_json(path, document("csps bench", config_doc, summaries, git=git))
+    write_json(path, document("csps bench", config_doc, summaries, git=git,
+                              **({"long_arrival": report} if report else {})))
     print(f"results: {path}")
+    title = f"{a.model}: {len(lengths)} request(s), token budget {kw['token_budget']}"
     if a.plot:
         from csps.bench.plot import plot_timeline
 
-        plot_timeline({n: r.steps for n, r in runs.items()}, a.plot,
-                      title=f"{a.model}: {len(lengths)} request(s), token budget {kw['token_budget']}")
+        plot_timeline({s.name: runs[s.name].steps for s in setups}, a.plot, title=title)
         print(f"plot: {a.plot}")
+    if a.plot_tbt:
+        from csps.bench.plot import plot_tbt, tbt_series
+
+        without = {s.name: summaries.get(run_name(s.name, "without-long")) for s in setups}
+        plot_tbt({s.name: tbt_series(runs[s.name].requests, runs[s.name].origin_s,
+                                     without[s.name]["tbt_s"]["p99"] if without[s.name] else None)
+                  for s in setups}, a.plot_tbt, title=title)
+        print(f"TBT plot: {a.plot_tbt}")
     return 0
