@@ -55,8 +55,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token-budget", type=parse_len, default=512, help="tokens per rank per step")
     g.add_argument("--step-time-budget-ms", type=parse_time_budget, default="auto", metavar="auto|off|MS",
                    help="size prefill chunks so a step's predicted time stays within this budget (the token "
-                        "budget stays an upper bound); auto: the time of the step's decodes plus one fresh "
-                        "token-budget chunk, so chunks on a long cache shrink; off: the token budget alone")
+                        "budget stays an upper bound); auto: the time of the step's decodes plus the fresh "
+                        "chunk the token budget leaves them, so chunks on a long cache shrink; off: the token budget "
+                        "alone")
     g.add_argument("--max-model-len", type=parse_len, default=None, help="context limit (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--block-size", type=int, default=16)

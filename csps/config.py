@@ -101,8 +101,8 @@ class SchedulerConfig:
     policy: str = "stall-free"  # stall-free | prefill-first
     # Medha's adaptive chunking: in steps that carry decodes, prefill chunks shrink so the step's predicted
     # time stays within a budget (the token budget stays an upper bound); the budget is step_time_budget_ms,
-    # or, when None, the time of the step's decodes plus one fresh token-budget chunk (so a chunk on a long
-    # cache costs no more than a fresh one)
+    # or, when None, the time of the step's decodes plus the fresh chunk the token budget leaves them (so a
+    # chunk on a long cache costs no more than a fresh one)
     adaptive_chunking: bool = True
     step_time_budget_ms: float | None = None
 

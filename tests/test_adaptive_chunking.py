@@ -25,6 +25,12 @@ def make(budget=512, timer=fake_timer, **kw):
     return Scheduler(cfg, kv, step_timer=timer)
 
 
+def auto_budget(s, decodes):
+    """The auto budget: the decodes plus the whole blocks of token budget they leave a fresh prompt."""
+    left = s.cfg.token_budget - len(decodes)
+    return fake_timer(((max(BS, left - left % BS), 0, 1),), decodes)
+
+
 def prefill_chunks(s):
     """Run to completion; (start, tokens, predicted step s, budget s) of every step with a prefill."""
     seen = []
@@ -32,7 +38,7 @@ def prefill_chunks(s):
         out = run_step(s)
         if out.num_prefill_tokens:
             prefills, decodes = out.items(1)
-            budget = fake_timer(((s.cfg.token_budget, 0, 1),), decodes)
+            budget = auto_budget(s, decodes)
             seen.append((prefills, fake_timer(prefills, decodes), budget))
     return seen
 
@@ -92,8 +98,7 @@ def test_decodes_are_never_dropped_and_a_second_prefill_may_wait():
         out = run_step(s)
         assert decoding <= {c.req_id for c in out.chunks if c.is_decode} | (decoding - set(s.requests))
         prefills, decodes = out.items(1)
-        budget = fake_timer(((512, 0, 1),), decodes)
-        assert fake_timer(prefills, decodes) <= budget * (1 + 1e-9) or len(prefills) == 1
+        assert fake_timer(prefills, decodes) <= auto_budget(s, decodes) * (1 + 1e-9) or len(prefills) == 1
 
 
 def test_step_timer_learns_a_constant_factor_from_measured_steps():

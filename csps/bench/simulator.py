@@ -47,7 +47,7 @@ class Strategy:
     token_budget: int = 512  # tokens per SP rank per step
     sp_threshold_tokens: int | None = 4096  # longer prompts are sequence-parallel
     adaptive_chunking: bool = True  # prefill chunks sized to a step time budget, as the engine does
-    step_time_budget_ms: float | None = None  # None: the decodes plus one fresh token-budget chunk
+    step_time_budget_ms: float | None = None  # None: the decodes plus the fresh chunk the token budget leaves them
 
     def __post_init__(self) -> None:
         if self.sp < 1 or self.tp < 1:

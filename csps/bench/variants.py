@@ -30,7 +30,7 @@ class RunSetup:
     name: str
     policy: str = "stall-free"
     adaptive_chunking: bool = True
-    step_time_budget_ms: float | None = None  # None: auto (the decodes plus one fresh token-budget chunk)
+    step_time_budget_ms: float | None = None  # None: auto (the decodes plus the fresh chunk the token budget leaves them)
 
     def scheduler_fields(self) -> dict:
         return {"policy": self.policy, "adaptive_chunking": self.adaptive_chunking,

@@ -17,8 +17,8 @@ step's prefill spans every rank while each rank's share stays within its budget.
 Adaptive chunking (Medha): with a step timer (the cost model, given by the engine or the simulator)
 each prefill chunk of a step that carries decodes is also the largest whole number of blocks whose
 step stays within a time budget — fixed, or by default the predicted time of the step's decodes plus
-one fresh token-budget chunk, so a chunk on top of a long cache is cut to cost what a fresh chunk
-costs. The first prefill of a step always gets at least one block (progress); later ones may get none.
+the fresh chunk the token budget leaves them, so a chunk on top of a long cache is cut to cost what a
+fresh chunk costs. The first prefill of a step always gets at least one block (progress); later ones may get none.
 
 ``policy="prefill-first"`` is the vLLM/Orca baseline Sarathi-Serve compares against: whole prompts
 run as soon as they arrive and decodes wait for them.
@@ -220,15 +220,18 @@ class Scheduler:
                 hi = mid - 1
         return min(n, lo * bs)
 
-    def _start_time_budget(self) -> None:
+    def _start_time_budget(self, budgets: list[int]) -> None:
         """After the decodes are in: this step's time budget for its prefill chunks (only a step with
-        decodes has one: with nobody waiting for a token, a long prompt takes whole chunks)."""
+        decodes has one: with nobody waiting for a token, a long prompt takes whole chunks). The auto
+        budget prices the step a fresh prompt could make now: these decodes plus the whole blocks of token
+        budget they leave on the fullest rank."""
         if self.step_timer is None or not self._decodes:
             self._budget_s = None
         elif self.cfg.step_time_budget_ms is not None:
             self._budget_s = self.cfg.step_time_budget_ms / 1e3
         else:
-            self._budget_s = self.step_timer(((self.cfg.token_budget, 0, 1),), tuple(self._decodes))
+            fresh = max(self.block_size, min(budgets) - min(budgets) % self.block_size)
+            self._budget_s = self.step_timer(((fresh, 0, 1),), tuple(self._decodes))
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         self.running.remove(victim)
@@ -302,7 +305,7 @@ class Scheduler:
         budgets = [self.cfg.token_budget] * self.num_ranks
         scheduled: set[str] = set()
         self._schedule_decodes(out, budgets, scheduled)  # 1. every running decode
-        self._start_time_budget()
+        self._start_time_budget(budgets)
         for req in list(self.running):  # 2. the next chunk of partly prefilled prompts
             if req.status is not Status.RUNNING or req.req_id in scheduled or req.is_decode:
                 continue

@@ -154,7 +154,7 @@ class Engine:
             self.config.device, dtype_bytes(self.config.dtype))
         budget = self.config.scheduler.step_time_budget_ms
         log.info("prefill chunks sized to a step time budget of %s (cost model on %s, corrected by measured steps)",
-                 f"{budget:g} ms" if budget else "the decodes plus one fresh token-budget chunk", profile.name)
+                 f"{budget:g} ms" if budget else "the decodes plus the fresh chunk the token budget leaves them", profile.name)
         return StepTimer(self.model_config, profile, dtype_bytes(self.config.dtype), num_sp_ranks=p.sp, tp=p.tp,
                          exchange="ulysses" if p.sp_attn == "ulysses" else "auto")
 
