@@ -1,0 +1,99 @@
+"""Structured outputs in the engine: each constrained request's grammar state, and the token masks.
+
+Only the sampling rank (rank 0, which owns the ``Engine``) holds matchers, at every SP × TP layout. Per step:
+``apply`` computes the next-token bitmask of every constrained row in one llguidance call (on its thread
+pool) and masks those rows of the ``[N, V]`` logits with one ``masked_fill``, before the sampler runs, so
+greedy and sampled decoding, penalties and logprobs all see only the allowed tokens; EOS is allowed only
+where the grammar accepts. ``consume`` advances a matcher with its sampled token and says when the
+grammar is complete (the request must stop). A request's matcher is dropped when it finishes or is
+aborted; a preempted request keeps it (its output tokens are kept and recomputed, so the matcher, which
+has consumed exactly those tokens, stays consistent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import llguidance
+import numpy as np
+import torch
+
+from csps.core.structured_outputs import StructuredOutputs
+from csps.engine.grammar import GrammarCompiler
+from csps.errors import RequestError
+
+log = logging.getLogger("csps.structured")
+
+
+class StructuredDecoding:
+    def __init__(self, tokenizer, vocab_size: int, eos_ids) -> None:
+        """``tokenizer``: the engine's ``csps.engine.tokenizer.Tokenizer`` (None: token ids only, no grammars);
+        ``vocab_size``: the width of the logits."""
+        self.hf_tokenizer = tokenizer.hf if tokenizer is not None else None
+        self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self.matchers: dict[str, llguidance.LLMatcher] = {}
+        self._compiler: GrammarCompiler | None = None
+        self._executor: llguidance.LLExecutor | None = None
+        self._mask = np.zeros((0, 0), dtype=np.int32)
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            if self.hf_tokenizer is None:
+                raise RequestError("structured outputs need the model's tokenizer, and this engine has none")
+            self._compiler = GrammarCompiler(self.hf_tokenizer, self.vocab_size, self.eos_ids)
+        return self._compiler
+
+    # -- requests --------------------------------------------------------------------------
+    def attach(self, req_id: str, so: StructuredOutputs) -> None:
+        """Give a request its grammar (compiled now unless cached: the server compiles it beforehand)."""
+        self.matchers[req_id] = self.compiler.compile(so).matcher()
+
+    def drop(self, req_id: str) -> None:
+        self.matchers.pop(req_id, None)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.matchers
+
+    # -- the step --------------------------------------------------------------------------
+    def apply(self, logits: torch.Tensor, req_ids: list[str]) -> None:
+        """Mask, in place, the rows of ``logits`` [N, V] (row i samples ``req_ids[i]``) that have a grammar."""
+        if not self.matchers:
+            return
+        rows = [(i, self.matchers[r]) for i, r in enumerate(req_ids) if r in self.matchers]
+        if not rows:
+            return
+        words = self.compiler.mask_words
+        if self._mask.shape[0] < len(rows) or self._mask.shape[1] != words:
+            self._mask = np.zeros((max(len(rows), 2 * self._mask.shape[0]), words), dtype=np.int32)
+        mask = self._mask[: len(rows)]
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=max(1, min(4, os.cpu_count() or 1)))
+        self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, m) in enumerate(rows)], mask.ctypes.data,
+                                               words * 4, len(rows))
+        bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
+        allowed = torch.from_numpy(bits).bool()
+        dead = ~allowed.any(1)
+        if dead.any():  # a matcher in an error state allows nothing: let the request end (EOS) instead of NaNs
+            for j in dead.nonzero().flatten().tolist():
+                log.warning("grammar of request %s is stuck (%s); stopping it", req_ids[rows[j][0]],
+                            rows[j][1].get_error() or "no token allowed")
+            allowed[dead, self.eos_ids[0] if self.eos_ids else 0] = True
+        with torch.inference_mode():  # the logits are an inference tensor: updated in place only in this mode
+            if len(rows) == logits.shape[0]:
+                logits.masked_fill_(~allowed, float("-inf"))
+            else:
+                index = torch.tensor([i for i, _ in rows])
+                logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+    def consume(self, req_id: str, token_id: int) -> bool:
+        """Advance the request's matcher by its sampled token; True when the grammar is complete (nothing but
+        EOS may follow, or the matcher failed), so the request must stop."""
+        m = self.matchers.get(req_id)
+        if m is None:
+            return False
+        if not m.consume_token(token_id) and token_id not in self.eos_ids:
+            log.warning("grammar of request %s rejected token %d: %s", req_id, token_id, m.get_error())
+        return m.is_stopped()
