@@ -66,6 +66,8 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
                    help="browser origins allowed by CORS, e.g. https://app.example ('*': any; default: none)")
     g.add_argument("--metrics-compat", choices=["vllm"], default=None,
                    help="also export vLLM's metric names (vllm:time_to_first_token_seconds, ...) on /metrics")
+    g.add_argument("--grammar-compile-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="structured outputs: a schema, regex or grammar not compiled by then gets a 400")
     g.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line (with request_id inside requests)")
     p.set_defaults(func=cmd_serve)
@@ -86,6 +88,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        engine_start_timeout_s=a.engine_start_timeout,
                        summarize_concurrency=a.summarize_concurrency, access_log=a.access_log,
                        allowed_origins=tuple(a.allowed_origins), metrics_compat=a.metrics_compat,
-                       log_format=a.log_format)
+                       log_format=a.log_format, grammar_compile_timeout_s=a.grammar_compile_timeout)
     setup_logging(cfg.log_format, cfg.log_level)
     return serve(cfg)

@@ -33,6 +33,7 @@ class ServerConfig:
     log_format: str = "text"  # text | json (one object per line, with the request id inside requests)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ('*': any)
     metrics_compat: str | None = None  # 'vllm': also export vLLM's metric names
+    grammar_compile_timeout_s: float = 10.0  # structured outputs: a grammar not compiled by then is a 400
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
@@ -41,6 +42,7 @@ class ServerConfig:
         _check(self.retry_after_s >= 1, "retry_after_s must be at least 1")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
         _check(self.engine_start_timeout_s > 0, "engine_start_timeout_s must be positive")
+        _check(self.grammar_compile_timeout_s > 0, "grammar_compile_timeout_s must be positive")
         _check(self.summarize_concurrency >= 1, "summarize_concurrency must be at least 1")
         _check(self.api_key is None or len(self.api_key) > 0, "api_key must not be empty")
         _check("model" in self.engine_kwargs, "engine_kwargs must name a model")

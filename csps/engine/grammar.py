@@ -48,6 +48,9 @@ class GrammarError(RequestError):
 
 
 def error_for(so: StructuredOutputs, detail: str) -> GrammarError:
+    detail = detail.split("<backtrace>")[0]
+    if detail.startswith("panic:"):  # an internal limit of llguidance (e.g. 65,000 grammar symbols)
+        detail = "it is too large or too complex to compile (" + detail.removeprefix("panic:").strip() + ")"
     detail = " ".join(detail.split())  # llguidance's messages span lines (a caret under the spot)
     if len(detail) > MAX_ERROR_CHARS:
         detail = detail[: MAX_ERROR_CHARS - 3] + "..."
