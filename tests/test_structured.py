@@ -190,3 +190,13 @@ def test_sequence_parallel_engine_masks_on_the_sampling_rank():
                             use_tqdm=False)
     for o in outs:
         jsonschema.validate(json.loads(o.text), PERSON)
+
+
+def test_a_failed_matcher_lets_only_eos_through(smollm2_tokenizer):
+    sd = StructuredDecoding(smollm2_tokenizer, VOCAB, {EOS})
+    sd.attach("r", StructuredOutputs.choice(["yes"]))
+    wrong = smollm2_tokenizer.encode("no")[0]
+    assert sd.consume("r", wrong) is True  # rejected: the matcher is in an error state, the request must stop
+    logits = torch.randn(1, VOCAB)
+    sd.apply(logits, ["r"])
+    assert allowed_ids(logits[0]) == {EOS}

@@ -73,20 +73,23 @@ class StructuredDecoding:
             self._executor = llguidance.LLExecutor(num_threads=max(1, min(4, os.cpu_count() or 1)))
         self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, m) in enumerate(rows)], mask.ctypes.data,
                                                words * 4, len(rows))
-        bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
-        allowed = torch.from_numpy(bits).bool()
-        dead = ~allowed.any(1)
+        width = logits.shape[1]
+        dead = ~mask.any(axis=1) if width >= self.compiler.vocab_size else None
+        bits = np.unpackbits(mask.view(np.uint8), axis=1, count=width, bitorder="little")  # [rows, V] 0/1
+        if dead is None:  # the tokenizer is wider than the logits: look at the bits that are sampled from
+            dead = ~bits.any(axis=1)
         if dead.any():  # a matcher in an error state allows nothing: let the request end (EOS) instead of NaNs
-            for j in dead.nonzero().flatten().tolist():
+            for j in np.flatnonzero(dead).tolist():
                 log.warning("grammar of request %s is stuck (%s); stopping it", req_ids[rows[j][0]],
                             rows[j][1].get_error() or "no token allowed")
-            allowed[dead, self.eos_ids[0] if self.eos_ids else 0] = True
+                bits[j, self.eos_ids[0] if self.eos_ids else 0] = 1
         with torch.inference_mode():  # the logits are an inference tensor: updated in place only in this mode
+            blocked = torch.from_numpy(bits) == 0
             if len(rows) == logits.shape[0]:
-                logits.masked_fill_(~allowed, float("-inf"))
+                logits.masked_fill_(blocked, float("-inf"))
             else:
                 index = torch.tensor([i for i, _ in rows])
-                logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+                logits[index] = logits[index].masked_fill(blocked, float("-inf"))
 
     def consume(self, req_id: str, token_id: int) -> bool:
         """Advance the request's matcher by its sampled token; True when the grammar is complete (nothing but
