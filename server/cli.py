@@ -11,6 +11,7 @@ from csps.server.config_file import (
     StoreConst,
     track_explicit_flags,
 )
+from csps.server.grammar_jobs import DEFAULT_TIMEOUT_S
 
 
 def parse_bytes(text: str) -> int:
@@ -66,7 +67,7 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
                    help="browser origins allowed by CORS, e.g. https://app.example ('*': any; default: none)")
     g.add_argument("--metrics-compat", choices=["vllm"], default=None,
                    help="also export vLLM's metric names (vllm:time_to_first_token_seconds, ...) on /metrics")
-    g.add_argument("--grammar-compile-timeout", type=float, default=10.0, metavar="SECONDS",
+    g.add_argument("--grammar-compile-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="structured outputs: a schema, regex or grammar not compiled by then gets a 400")
     g.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line (with request_id inside requests)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from csps.errors import CspsError
+from csps.server.grammar_jobs import DEFAULT_TIMEOUT_S
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -33,7 +34,7 @@ class ServerConfig:
     log_format: str = "text"  # text | json (one object per line, with the request id inside requests)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ('*': any)
     metrics_compat: str | None = None  # 'vllm': also export vLLM's metric names
-    grammar_compile_timeout_s: float = 10.0  # structured outputs: a grammar not compiled by then is a 400
+    grammar_compile_timeout_s: float = DEFAULT_TIMEOUT_S  # structured outputs: a grammar not compiled by then is a 400
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")

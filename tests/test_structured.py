@@ -200,3 +200,34 @@ def test_a_failed_matcher_lets_only_eos_through(smollm2_tokenizer):
     logits = torch.randn(1, VOCAB)
     sd.apply(logits, ["r"])
     assert allowed_ids(logits[0]) == {EOS}
+
+
+def test_grammar_jobs_answer_each_request_once_within_the_time_limit():
+    import threading
+    import time
+
+    from csps.server.grammar_jobs import GrammarJobs
+
+    release = threading.Event()
+
+    def compile_fn(so):
+        if so.spec == "slow":
+            release.wait(10)
+        if so.spec == "bad":
+            raise GrammarError("x: the regex does not compile", "x")
+
+    jobs, answers = GrammarJobs(compile_fn, timeout_s=0.2), {}
+    for spec in ("fast", "bad", "slow"):
+        jobs.submit(StructuredOutputs("regex", spec, "x"), lambda err, spec=spec: answers.setdefault(spec, []).append(err))
+    t0 = time.monotonic()
+    while jobs.pending and time.monotonic() - t0 < 5:
+        jobs.poll()
+        time.sleep(0.01)
+    release.set()
+    assert not jobs.pending and time.monotonic() - t0 < 1
+    assert answers["fast"] == [None]
+    assert isinstance(answers["bad"][0], GrammarError)
+    assert "did not compile within 0.2 s" in str(answers["slow"][0]) and answers["slow"][0].param == "x"
+    jobs.poll()
+    assert all(len(v) == 1 for v in answers.values())
+    jobs.shutdown()
