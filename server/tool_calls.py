@@ -69,7 +69,7 @@ def parse_hermes(text: str, names: set[str]) -> tuple[str, list[tuple[str, str]]
         if end < 0:
             break
         pos = end + len(HERMES_CLOSE)
-    return "".join(content).strip(), calls
+    return ("".join(content).strip(), calls) if calls else (text, [])
 
 
 def parse_llama3_json(text: str, names: set[str]) -> tuple[str, list[tuple[str, str]]]:

@@ -1,19 +1,21 @@
 """Structured outputs in the engine: each constrained request's grammar state, and the token masks.
 
 Only the sampling rank (rank 0, which owns the ``Engine``) holds matchers, at every SP × TP layout. Per step:
-``apply`` computes the next-token bitmask of every constrained row in one llguidance call (on its thread
-pool) and masks those rows of the ``[N, V]`` logits with one ``masked_fill``, before the sampler runs, so
+``apply`` computes the next-token bitmask of every constrained row and masks those rows of the ``[N, V]`` logits with one ``masked_fill``, before the sampler runs, so
 greedy and sampled decoding, penalties and logprobs all see only the allowed tokens; EOS is allowed only
 where the grammar accepts. ``consume`` advances a matcher with its sampled token and says when the
 grammar is complete (the request must stop). A request's matcher is dropped when it finishes or is
 aborted; a preempted request keeps it (its output tokens are kept and recomputed, so the matcher, which
 has consumed exactly those tokens, stays consistent).
+
+The masks are computed one row after the other on the engine's thread (a few µs to ~0.2 ms a row), not on
+llguidance's thread pool: its threads spin after each batch, and on a machine whose cores torch's own threads
+use, torch's next parallel op then waited for a core, ~15 ms a step here (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import llguidance
 import numpy as np
@@ -35,7 +37,6 @@ class StructuredDecoding:
         self.eos_ids = sorted(eos_ids)
         self.matchers: dict[str, llguidance.LLMatcher] = {}
         self._compiler: GrammarCompiler | None = None
-        self._executor: llguidance.LLExecutor | None = None
         self._mask = np.zeros((0, 0), dtype=np.int32)
 
     @property
@@ -69,27 +70,26 @@ class StructuredDecoding:
         if self._mask.shape[0] < len(rows) or self._mask.shape[1] != words:
             self._mask = np.zeros((max(len(rows), 2 * self._mask.shape[0]), words), dtype=np.int32)
         mask = self._mask[: len(rows)]
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=max(1, min(4, os.cpu_count() or 1)))
-        self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, m) in enumerate(rows)], mask.ctypes.data,
-                                               words * 4, len(rows))
+        for j, (_, m) in enumerate(rows):  # on this thread: see the module's docstring
+            m.unsafe_compute_mask_ptr(mask[j].ctypes.data, words * 4)
         width = logits.shape[1]
         dead = ~mask.any(axis=1) if width >= self.compiler.vocab_size else None
-        bits = np.unpackbits(mask.view(np.uint8), axis=1, count=width, bitorder="little")  # [rows, V] 0/1
+        # 1 where a token is NOT allowed: unpack the inverted words, then view those 0/1 bytes as bools (no copy)
+        blocked = np.unpackbits(np.invert(mask).view(np.uint8), axis=1, count=width, bitorder="little")
         if dead is None:  # the tokenizer is wider than the logits: look at the bits that are sampled from
-            dead = ~bits.any(axis=1)
+            dead = blocked.all(axis=1)
         if dead.any():  # a matcher in an error state allows nothing: let the request end (EOS) instead of NaNs
             for j in np.flatnonzero(dead).tolist():
                 log.warning("grammar of request %s is stuck (%s); stopping it", req_ids[rows[j][0]],
                             rows[j][1].get_error() or "no token allowed")
-                bits[j, self.eos_ids[0] if self.eos_ids else 0] = 1
+                blocked[j, self.eos_ids[0] if self.eos_ids else 0] = 0
         with torch.inference_mode():  # the logits are an inference tensor: updated in place only in this mode
-            blocked = torch.from_numpy(bits) == 0
+            blocked_t = torch.from_numpy(blocked).view(torch.bool)
             if len(rows) == logits.shape[0]:
-                logits.masked_fill_(blocked, float("-inf"))
+                logits.masked_fill_(blocked_t, float("-inf"))
             else:
                 index = torch.tensor([i for i, _ in rows])
-                logits[index] = logits[index].masked_fill(blocked, float("-inf"))
+                logits[index] = logits[index].masked_fill(blocked_t, float("-inf"))
 
     def consume(self, req_id: str, token_id: int) -> bool:
         """Advance the request's matcher by its sampled token; True when the grammar is complete (nothing but
