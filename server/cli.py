@@ -12,6 +12,7 @@ from csps.server.config_file import (
     track_explicit_flags,
 )
 from csps.server.fim import CHOICES as FIM_CHOICES
+from csps.server.grammar_jobs import DEFAULT_TIMEOUT_S
 
 
 def parse_bytes(text: str) -> int:
@@ -77,6 +78,8 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
                    help="browser origins allowed by CORS, e.g. https://app.example ('*': any; default: none)")
     g.add_argument("--metrics-compat", choices=["vllm"], default=None,
                    help="also export vLLM's metric names (vllm:time_to_first_token_seconds, ...) on /metrics")
+    g.add_argument("--grammar-compile-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="structured outputs: a schema, regex or grammar not compiled by then gets a 400")
     g.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line (with request_id inside requests)")
     g.add_argument("--sse-keepalive-interval", type=positive_seconds, default=15.0, metavar="SECONDS",
@@ -116,6 +119,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        summarize_concurrency=a.summarize_concurrency, access_log=a.access_log,
                        allowed_origins=tuple(a.allowed_origins), metrics_compat=a.metrics_compat,
                        log_format=a.log_format, sse_keepalive_interval_s=a.sse_keepalive_interval,
-                       fim_template=a.fim_template)
+                       fim_template=a.fim_template, grammar_compile_timeout_s=a.grammar_compile_timeout)
     setup_logging(cfg.log_format, cfg.log_level)
     return serve(cfg)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from csps.errors import CspsError
 from csps.server.fim import CHOICES as FIM_CHOICES
+from csps.server.grammar_jobs import DEFAULT_TIMEOUT_S
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -36,6 +37,7 @@ class ServerConfig:
     metrics_compat: str | None = None  # 'vllm': also export vLLM's metric names
     sse_keepalive_interval_s: float = 15.0  # a ': keepalive' comment line on a stream silent this long
     fim_template: str = "auto"  # auto (from the vocabulary) | none | a name in csps.server.fim.TEMPLATES
+    grammar_compile_timeout_s: float = DEFAULT_TIMEOUT_S  # structured outputs: a grammar not compiled by then is a 400
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
@@ -44,6 +46,7 @@ class ServerConfig:
         _check(self.retry_after_s >= 1, "retry_after_s must be at least 1")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
         _check(self.engine_start_timeout_s > 0, "engine_start_timeout_s must be positive")
+        _check(self.grammar_compile_timeout_s > 0, "grammar_compile_timeout_s must be positive")
         _check(self.summarize_concurrency >= 1, "summarize_concurrency must be at least 1")
         _check(self.api_key is None or len(self.api_key) > 0, "api_key must not be empty")
         _check("model" in self.engine_kwargs, "engine_kwargs must name a model")

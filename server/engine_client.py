@@ -97,7 +97,8 @@ class EngineClient:
         self.pull.bind(from_engine)
         spec = {"engine_kwargs": self.cfg.engine_kwargs, "to_engine": to_engine, "from_engine": from_engine,
                 "max_waiting": self.cfg.max_waiting, "parent_pid": os.getpid(), "log_level": self.cfg.log_level,
-                "log_format": self.cfg.log_format, "fim_template": self.cfg.fim_template}
+                "log_format": self.cfg.log_format, "fim_template": self.cfg.fim_template,
+                "grammar_timeout_s": self.cfg.grammar_compile_timeout_s}
         # PYTHONSAFEPATH: the working directory must not shadow installed packages (a repository checkout's
         # kernels/ folder would shadow the 'kernels' package transformers imports)
         self.proc = subprocess.Popen([sys.executable, "-m", "csps.server.engine_proc", json.dumps(spec)],

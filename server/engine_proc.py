@@ -9,6 +9,7 @@ before exiting; the process also exits when its parent (the API process) disappe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ import traceback
 
 import zmq
 from csps.server import fim, ipc
+from csps.server.chat_template import chat_prompt_ids, tool_call_format
+from csps.server.grammar_jobs import DEFAULT_TIMEOUT_S, GrammarJobs
 from csps.server.logs import setup_logging
 from csps.server.prompt_progress import PromptProgress
 
@@ -69,7 +72,7 @@ def _metrics(m) -> dict:
 
 class EngineServer:
     def __init__(self, engine, pull: zmq.Socket, push: zmq.Socket, max_waiting: int, parent_pid: int,
-                 fim_template: str = fim.AUTO) -> None:
+                 fim_template: str = fim.AUTO, grammar_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.engine = engine
         self.pull = pull
         self.push = push
@@ -81,6 +84,8 @@ class EngineServer:
         self.rid_logprobs: set[str] = set()
         self.last_step_id = -1
         self.last_heartbeat_s = 0.0
+        # structured outputs: grammars compile on worker threads while the engine steps
+        self.grammars = GrammarJobs(lambda so: engine.structured.compiler.compile(so), grammar_timeout_s)
 
     def choose_fim(self, choice: str) -> fim.FimFormat | None:
         tok = self.engine.tokenizer
@@ -109,7 +114,8 @@ class EngineServer:
                 "has_fim": self.fim is not None, "fim": self.fim.name if self.fim else None,
                 "vocab_size": e.model_config.vocab_size,
                 "block_size": e.config.cache.block_size, "token_budget": e.config.scheduler.token_budget,
-                "max_num_seqs": e.config.scheduler.max_num_seqs, "pid": os.getpid()}
+                "max_num_seqs": e.config.scheduler.max_num_seqs, "pid": os.getpid(),
+                "tool_call_format": tool_call_format(tok)}
 
     # -- requests --------------------------------------------------------------------------
     def prompt_ids(self, spec: dict) -> list[int]:
@@ -121,7 +127,7 @@ class EngineServer:
         if "text" in spec:
             return tok.encode(spec["text"])
         if "messages" in spec:
-            return tok.apply_chat_template(spec["messages"])
+            return chat_prompt_ids(tok, spec["messages"], spec.get("tools"))
         if "fim" in spec:
             if self.fim is None:
                 raise RequestError("this model's tokenizer has no fill-in-the-middle tokens")
@@ -146,7 +152,7 @@ class EngineServer:
 
     def on_add(self, msg: dict) -> None:
         gid, n = msg["gid"], msg["n"]
-        try:
+        with self.rejecting(gid):
             kw = dict(msg["params"])
             prompts = [self.prompt_ids(p) for p in msg["prompts"]]
             if any("fim" in p for p in msg["prompts"]):  # an infill ends at the template's end and marker tokens
@@ -166,6 +172,17 @@ class EngineServer:
                                           "seed": None if seed is None else seed + j})
                     self.engine.validate_prompt(ids, p)
                     plans.append((ids, p))
+            so = plans[0][1].structured_outputs if plans else None
+            if so is None:
+                self.admit(msg, plans, prompts)
+            else:  # compile the grammar first, off this loop (the engine finds it cached when admitting)
+                self.grammars.submit(so, lambda err: self.admit(msg, plans, prompts, err))
+
+    def admit(self, msg: dict, plans: list, prompts: list[list[int]], error: Exception | None = None) -> None:
+        gid = msg["gid"]
+        with self.rejecting(gid):
+            if error is not None:
+                raise error
             rids = []
             for k, (ids, p) in enumerate(plans):
                 rid = f"{gid}-{k}"
@@ -176,6 +193,12 @@ class EngineServer:
                 if msg.get("progress"):
                     self.progress.watch(rid, self.engine.scheduler.requests[rid])
             self.send({"type": ipc.ADDED, "gid": gid, "rids": rids, "prompt_tokens": [len(i) for i in prompts]})
+
+    @contextlib.contextmanager
+    def rejecting(self, gid: str):
+        """Answer a failed admission: 400 for the request's own faults, 500 for anything else."""
+        try:
+            yield
         except CspsError as e:
             self.send({"type": ipc.REJECTED, "gid": gid, "status": 400, "message": str(e),
                        "param": getattr(e, "param", None), "code": "invalid_request"})
@@ -278,9 +301,11 @@ class EngineServer:
     def run(self) -> None:
         while True:
             busy = self.engine.has_unfinished()
-            if self.pull.poll(0 if busy else 50) and not self.drain():
+            if self.pull.poll(0 if busy else (5 if self.grammars.pending else 50)) and not self.drain():
                 log.info("engine shutting down")
+                self.grammars.shutdown()
                 return
+            self.grammars.poll()
             if self.engine.has_unfinished():
                 outputs = self.engine.step()
                 steps = self.new_steps()
@@ -312,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         config = make_engine_config(**kw)
         engine = create_engine(config, max_model_len=kw.get("max_model_len"))
         server = EngineServer(engine, pull, push, spec["max_waiting"], spec["parent_pid"],
-                              spec.get("fim_template", fim.AUTO))
+                              spec.get("fim_template", fim.AUTO), spec.get("grammar_timeout_s", DEFAULT_TIMEOUT_S))
         server.send({"type": ipc.READY, "info": server.info()})
         server.run()
     except CspsError as e:

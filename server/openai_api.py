@@ -17,6 +17,7 @@ from csps.server.http_io import (
 from csps.server.openapi import body
 from csps.server.prompt_progress import progress_body
 from csps.server.protocol import ChatCompletionRequest, CompletionRequest
+from csps.server.tool_calls import ToolCalls
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -68,6 +69,18 @@ def chat_logprobs(lps: list[list]) -> dict:
     return {"content": [{"token": tok, "logprob": lp, "bytes": raw,
                          "top_logprobs": [{"token": t, "logprob": v, "bytes": r} for t, r, v in top]}
                         for tok, raw, lp, top in lps], "refusal": None}
+
+
+def chat_choice(c: Choice, tools: ToolCalls | None) -> dict:
+    message = {"role": "assistant", "content": c.text, "refusal": None}
+    finish = c.finish_reason
+    if tools is not None:
+        message["content"], calls = tools.message(c.text)
+        if calls:
+            message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in calls]
+        finish = tools.finish_reason(finish, len(calls))
+    return {"index": c.index, "message": message, "logprobs": chat_logprobs(c.lps) if c.want_logprobs else None,
+            "finish_reason": finish}
 
 
 def usage(sub, choices: list[Choice], n: int) -> dict:
@@ -171,8 +184,10 @@ async def create_chat_completion(request: Request):
     state.client.check_available()
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_kwargs(req.completion_max_tokens, top)
-    sub = await state.client.submit([{"messages": req.chat_messages()}], params, req.n,
-                                    progress=req.return_progress)
+    mode = req.tool_mode  # None: no tools in play
+    tools = ToolCalls(mode, [t.function.name for t in req.tools],
+                      state.client.info.get("tool_call_format", "hermes")) if mode else None
+    sub = await state.client.submit([req.prompt_spec()], params, req.n, progress=req.return_progress)
     rid, created, model = f"chatcmpl-{sub.gid}", int(time.time()), state.cfg.model_name
     choices = [Choice(i, req.logprobs) for i in range(len(sub.rids))]
 
@@ -181,16 +196,16 @@ async def create_chat_completion(request: Request):
                 "system_fingerprint": None, **extra}
 
     if not req.stream:
-        return await run_request(request, sub, choices, lambda: obj("chat.completion", [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-             "logprobs": chat_logprobs(c.lps) if c.want_logprobs else None, "finish_reason": c.finish_reason}
-            for c in choices], usage=usage(sub, choices, req.n)))
+        return await run_request(request, sub, choices, lambda: obj(
+            "chat.completion", [chat_choice(c, tools) for c in choices], usage=usage(sub, choices, req.n)))
 
     extra = {"usage": None} if req.include_usage else {}
 
     def chunk(idx: int, delta: dict, lp=None, finish=None) -> bytes:
         return sse(obj("chat.completion.chunk", [{"index": idx, "delta": delta, "logprobs": lp,
                                                   "finish_reason": finish}], **extra))
+
+    streams = [tools.stream() for _ in choices] if tools else None
 
     async def events():
         try:
@@ -203,11 +218,16 @@ async def create_chat_completion(request: Request):
                     continue
                 c = choices[idx]
                 c.add(it)
-                if it["text"] or it.get("lp"):
+                if streams is not None:  # tool calls: content and calls as the parser finds them
+                    for delta in streams[idx].feed(it["text"]) + (streams[idx].finish() if it["done"] else []):
+                        yield chunk(idx, delta)
+                elif it["text"] or it.get("lp"):
                     lp = chat_logprobs(it.get("lp") or []) if c.want_logprobs else None
                     yield chunk(idx, {"content": it["text"]}, lp)
                 if it["done"]:
-                    yield chunk(idx, {}, finish=c.finish_reason)
+                    finish = c.finish_reason if streams is None else tools.finish_reason(c.finish_reason,
+                                                                                         streams[idx].num_calls)
+                    yield chunk(idx, {}, finish=finish)
             if req.include_usage:
                 yield sse(obj("chat.completion.chunk", [], usage=usage(sub, choices, req.n)))
         except APIError as e:

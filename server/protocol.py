@@ -15,6 +15,18 @@ from csps.errors import RequestError
 from csps.core.sampling_params import SamplingParams
 from csps.server import schema_rules
 from csps.server.errors import bad_request
+from csps.server.structured_api import (
+    ResponseFormat,
+    StructuredOutputsRequest,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    assistant_tool_calls,
+    output_spec,
+    tool_dicts,
+    tool_mode,
+    tools_spec,
+)
 
 MAX_N = 64
 
@@ -52,6 +64,9 @@ class SamplingRequest(Strict):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs (one of them)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -66,7 +81,8 @@ class SamplingRequest(Strict):
         return self
 
     def sampling_kwargs(self, max_tokens: int | None, logprobs: int | None) -> dict:
-        """SamplingParams fields (validated here, rebuilt in the engine process)."""
+        """SamplingParams fields (validated here, rebuilt in the engine process); ``structured_outputs``
+        is the grammar's spec (a dict) or None."""
         kw = dict(max_tokens=1 if max_tokens is None else max_tokens,
                   temperature=1.0 if self.temperature is None else self.temperature,
                   top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
@@ -74,7 +90,8 @@ class SamplingRequest(Strict):
                   stop_token_ids=tuple(self.stop_token_ids or ()),
                   repetition_penalty=self.repetition_penalty or 1.0, presence_penalty=self.presence_penalty,
                   frequency_penalty=self.frequency_penalty, logprobs=logprobs, ignore_eos=self.ignore_eos,
-                  include_stop_str_in_output=self.include_stop_str_in_output)
+                  include_stop_str_in_output=self.include_stop_str_in_output,
+                  structured_outputs=self.structured_spec())
         try:
             params = asdict(SamplingParams(**kw))
         except RequestError as e:
@@ -83,6 +100,9 @@ class SamplingRequest(Strict):
         params["stop_token_ids"] = list(params["stop_token_ids"])
         params["max_tokens"] = max_tokens  # None: the engine fills in the room left in the context
         return params
+
+    def structured_spec(self) -> dict | None:
+        return output_spec(self.response_format, self.structured_outputs)
 
     @property
     def include_usage(self) -> bool:
@@ -143,7 +163,8 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = None  # role 'tool': the call it answers
+    tool_calls: list[ToolCall] | None = None  # role 'assistant': the calls it made
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -158,26 +179,53 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = None
-    tool_choice: Union[str, dict, None] = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: 'auto' with tools, else 'none'
     parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.tools or (self.tool_choice not in (None, "none")):
-            raise ValueError("tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported by this server")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
+        for i, m in enumerate(self.messages):
+            if m.tool_calls and m.role != "assistant":
+                raise ValueError(f"messages.{i}: only assistant messages carry tool_calls")
         return self
 
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), 'auto', 'required' or the name of the function that must be called."""
+        return tool_mode(self.tools, self.tool_choice)
+
+    def structured_spec(self) -> dict | None:
+        mode = self.tool_mode
+        own = super().structured_spec()
+        if mode is not None and own is not None:
+            raise bad_request("response_format / structured_outputs cannot be combined with tools; "
+                              "set tool_choice to 'none' or drop one", param="tool_choice")
+        return own if mode is None else tools_spec(self.tools, mode, self.parallel_tool_calls)
+
     def chat_messages(self) -> list[dict]:
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        msgs = []
+        for m in self.messages:
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                msg["tool_calls"] = assistant_tool_calls(m.tool_calls)
+            if m.role == "tool" and m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None and m.role == "tool":
+                msg["name"] = m.name
+            msgs.append(msg)
         if not any(m["content"] for m in msgs):
             raise bad_request("the messages are empty", param="messages", code="empty_prompt")
         return msgs
+
+    def prompt_spec(self) -> dict:
+        """The engine's prompt: the messages, and the tools for the chat template when they are in play."""
+        spec = {"messages": self.chat_messages()}
+        if self.tool_mode is not None:
+            spec["tools"] = tool_dicts(self.tools)
+        return spec
 
     @property
     def completion_max_tokens(self) -> int | None:

@@ -61,14 +61,26 @@ def chat(schema: dict) -> None:
     sampling(schema)
     p = schema["properties"]
     p["messages"]["contains"] = HAS_TEXT  # at least one message says something
-    p["tools"]["maxItems"] = 0
-    p["tool_choice"] = {"title": "Tool Choice", "default": None,
-                        "anyOf": [{"type": "string", "enum": ["none"]}, {"type": "null"}]}
-    p["response_format"] = {"title": "Response Format", "default": None, "anyOf": [
-        {"type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}}}, {"type": "null"}]}
+    # tool_choice other than 'none' needs tools
+    _rules(schema, {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {
+        "not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}}, "then": {
+        "required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
     # top_logprobs only with logprobs: true
     _rules(schema, _if_set_then("top_logprobs", "integer",
                                 {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}))
+
+
+def response_format(schema: dict) -> None:
+    # 'json_schema' exactly with type 'json_schema'
+    _rules(schema, {"if": {"properties": {"type": {"const": "json_schema"}}},
+                    "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+                    "else": {"properties": {"json_schema": {"type": "null"}}}})
+
+
+def structured_outputs(schema: dict) -> None:
+    # exactly one of json, regex, choice, grammar, json_object (true)
+    schema["minProperties"] = schema["maxProperties"] = 1
+    schema["properties"]["json_object"] = {"const": True, "description": "true: any JSON object"}
 
 
 def tokenize(schema: dict) -> None:

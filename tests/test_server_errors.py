@@ -91,7 +91,8 @@ CHAT_CASES = [
     ({"messages": []}, "at least 1 item", "messages"),
     ({"messages": [{"role": "user", "content": ""}]}, "the messages are empty", "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "Input should be", "messages.0.role"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tool calling", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "'tools.0.function' is required",
+     "tools.0.function"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "needs logprobs", None),
     ({"messages": "hi"}, "valid list", "messages"),
 ]

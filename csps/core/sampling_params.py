@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from csps.core.structured_outputs import StructuredOutputs
 from csps.errors import RequestError
 
 # Bounds on stop conditions, checked on every generated token. OpenAI allows 4 stop strings; coding
@@ -29,8 +30,11 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per generated token (0 = only the chosen)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None  # the grammar the output must match
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):  # as sent between processes (dataclasses.asdict)
+            object.__setattr__(self, "structured_outputs", StructuredOutputs(**self.structured_outputs))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))

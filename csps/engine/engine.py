@@ -35,6 +35,7 @@ from csps.engine.outputs import OutputState, RequestOutput
 from csps.engine.rank_runtime import BYTE_KINDS, RankRuntime, sample_shapes
 from csps.engine.rank_world import RankWorld, check_layout
 from csps.engine.sampler import RequestSampler, SampleRow, sample
+from csps.engine.structured import StructuredDecoding
 from csps.engine.tokenizer import Tokenizer, load_tokenizer
 from csps.engine.weights import load_model_weights, memory_available_bytes
 from csps.errors import CspsError, RequestError
@@ -115,6 +116,7 @@ class Engine:
         self.plans = PlanBuilder(self.kvs, config.cache.block_size, self.exchange.choose if self.exchange else None)
         self.states: dict[str, OutputState] = {}
         self.samplers: dict[str, RequestSampler] = {}  # per request: its seed's generator, penalty state
+        self.structured = StructuredDecoding(tokenizer, model_cfg.vocab_size, self.eos_ids)  # grammars, masks
         self.step_log: deque[StepRecord] = deque(maxlen=100_000)
         self.logits_sink: dict[str, list[torch.Tensor]] | None = None  # tests: capture sampled logits
         self.step_observers: list[StepObserver] = []
@@ -208,6 +210,8 @@ class Engine:
         req_id = request_id if request_id is not None else str(next(self._ids))
         if req_id in self.states:
             raise RequestError(f"request id {req_id!r} is already in use")
+        if params.structured_outputs is not None:
+            self.structured.attach(req_id, params.structured_outputs)
         req = Request(req_id, ids, params, arrival_s if arrival_s is not None else time.perf_counter())
         self.states[req_id] = OutputState(req, self.tokenizer, self.eos_ids, self.max_model_len)
         self.samplers[req_id] = RequestSampler(
@@ -221,6 +225,7 @@ class Engine:
         self.plans.forget(req_id)
         self.states.pop(req_id, None)
         self.samplers.pop(req_id, None)
+        self.structured.drop(req_id)
         return req is not None
 
     def has_unfinished(self) -> bool:
@@ -300,6 +305,7 @@ class Engine:
         if self.logits_sink is not None:
             for c, row in zip(chunks, logits):
                 self.logits_sink.setdefault(c.req_id, []).append(row.clone())
+        self.structured.apply(logits, [c.req_id for c in chunks])  # grammar masks (no-op without grammars)
         sampled = sample(logits, rows)
         now = time.perf_counter()
         outputs = []
@@ -307,6 +313,8 @@ class Engine:
             state = self.states[c.req_id]
             state.req.metrics.token_times_s.append(now)
             status = state.add_token(s)
+            if self.structured.consume(c.req_id, s.token_id):  # the grammar is complete
+                status = Status.FINISHED_STOPPED
             outputs.append(state.make_output(False, None) if status is None else self._finish(c.req_id, status, now))
         return outputs
 
@@ -324,6 +332,7 @@ class Engine:
         self.scheduler.finish(req_id, status)
         self.plans.forget(req_id)
         self.samplers.pop(req_id, None)
+        self.structured.drop(req_id)
         return state.make_output(True, status)
 
     # -- introspection (metrics, benchmarks) -----------------------------------------------
