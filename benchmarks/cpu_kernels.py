@@ -2,7 +2,8 @@
 
   head    the vocabulary projection (SmolLM2: V = 49,152, H = 576) for 1-256 rows: the [V, H] layout
           (W @ h^T, used for 2-256 rows) vs the transposed [H, V] copy (h @ W_t, used for 1 row)
-  linear  every linear layer of SmolLM2 for one token (x @ W_t): the weight-streaming part of a decode step
+  linear  every linear layer of SmolLM2 (30 layers) for 1-512 rows: x @ W_t (the model's layout) vs
+          F.linear(x, W) vs (W @ x^T)^T, alternating
   zigzag  attention of rank 0's zigzag share of a 4,096-token chunk at P = 2 (2,048 queries on top of 8k
           cached tokens, 1 thread) over the ring's KV blocks: the engine's placement (pieces of one
           16-token KV block: query tiles, and a sweep of the tile size) and two pieces per rank (runs of
@@ -54,15 +55,27 @@ def bench_head() -> dict:
 
 
 def bench_linear() -> dict:
+    """Every linear layer of SmolLM2 (30 layers of distinct weights, as a step streams them) for 1-512 rows, three
+    ways MKL can be asked for it: x @ W_t on the transposed copy [in, out] the model keeps, F.linear(x, W) and
+    (W @ x^T)^T on torch's layout W [out, in]; alternating, 5 rounds, medians."""
+    import torch.nn.functional as F
+
     hid, inter, d = M.hidden_size, M.intermediate_size, M.head_dim
-    shapes = [(hid, (M.num_heads + 2 * M.num_kv_heads) * d), (M.num_heads * d, hid), (hid, 2 * inter), (inter, hid)]
-    # distinct weights per layer, [in, out] as the model stores them: a decode step streams them all
-    layers = [[torch.randn(i, o) for i, o in shapes] for _ in range(M.num_layers)]
-    w_head = torch.randn(hid, M.vocab_size)
-    x = {i: torch.randn(1, i) for i, _ in shapes}
-    layers_ms = ms(lambda: [x[w.shape[0]] @ w for ws in layers for w in ws])
-    head_ms = ms(lambda: x[hid] @ w_head)
-    return {"layers_ms": layers_ms, "num_layers": M.num_layers, "head_ms": head_ms, "total_ms": layers_ms + head_ms}
+    shapes = [((M.num_heads + 2 * M.num_kv_heads) * d, hid), (hid, M.num_heads * d), (2 * inter, hid), (hid, inter)]
+    layers = [[torch.randn(o, i) for o, i in shapes] for _ in range(M.num_layers)]  # [out, in]
+    layers_t = [[w.t().contiguous() for w in ws] for ws in layers]
+    ways = {"x_at_w_t_ms": lambda x: [x[w.shape[0]] @ w for ws in layers_t for w in ws],
+            "f_linear_ms": lambda x: [F.linear(x[w.shape[1]], w) for ws in layers for w in ws],
+            "w_at_x_t_ms": lambda x: [torch.mm(w, x[w.shape[1]].t()).t().contiguous() for ws in layers for w in ws]}
+    out = {}
+    for rows in (1, 2, 8, 32, 128, 512):
+        x = {i: torch.randn(rows, i) for _, i in shapes}
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(5):
+            for k, fn in ways.items():
+                times[k].append(ms(lambda: fn(x), reps=2))
+        out[rows] = {k: statistics.median(v) for k, v in times.items()}
+    return out
 
 
 def _zigzag_case(q_pos, k_pos_by_block, fast: dict, slow: dict) -> dict:
@@ -178,12 +191,21 @@ def main() -> None:
     args = ap.parse_args()
     if unknown := [p for p in args.parts if p not in PARTS]:
         ap.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
+    from csps.device import cpu_binding
+    from csps.kernels import cpu_ext
+
+    cpus = cpu_binding(0, 1, torch.get_num_threads())
+    if cpus is not None:  # pinned as an engine's threads are
+        cpu_ext.bind_threads(cpus)
     res = {}
     for p in args.parts:
         res[p] = PARTS[p]()
         print(p, res[p], flush=True)
     name = "cpu_kernels" if set(args.parts) == set(PARTS) else "cpu_kernels_" + "_".join(args.parts)
     print("wrote", save(name, {"threads": torch.get_num_threads(), **res}))
+    if "linear" in res:
+        print(table([(r, f"{v['x_at_w_t_ms']:.1f}", f"{v['f_linear_ms']:.1f}", f"{v['w_at_x_t_ms']:.1f}")
+                     for r, v in res["linear"].items()], ("rows", "x @ W_t ms", "F.linear(x, W) ms", "(W @ x^T)^T ms")))
     if "head" in res:
         print(table([(r, f"{v['natural_ms']:.2f}", f"{v['transposed_ms']:.2f}", f"{v['transposed_over_natural']:.1f}x")
                      for r, v in res["head"].items()], ("rows", "[V, H] ms", "[H, V] ms", "ratio")))

@@ -142,7 +142,10 @@ def run_serve(engine: str, peer_py: str, model_dir: str, dtype: str, port: int) 
         cmd = [peer_py, os.path.join(HERE, "vllm_peer.py"), "serve", model_dir, "--dtype", dtype, "--seed", "0", *common]
         env = peer_env()
     else:
-        cmd = [sys.executable, "-m", "csps.cli", "serve", "--model", model_dir, "--dtype", dtype, *common]
+        # no SSE keepalive comments: vLLM sends none, and its bench client (0.32) strips each network read, so a
+        # ': keepalive' before a stream's first token runs into the next event and the request counts as failed
+        cmd = [sys.executable, "-m", "csps.cli", "serve", "--model", model_dir, "--dtype", dtype,
+               "--sse-keepalive-interval", "0", *common]
         env = dict(os.environ, PYTHONSAFEPATH="1")
     log(f"serve: starting {engine}")
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -28,6 +28,20 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def seconds_or_off(text: str) -> float:
+    """A number of seconds >= 0, or 'off' (= 0: the feature is off)."""
+    t = text.strip().lower()
+    if t == "off":
+        return 0.0
+    try:
+        value = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds (or off): {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 or off: never): {text!r}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -82,9 +96,9 @@ def add_serve_parser(subparsers, add_engine_args) -> None:
                    help="structured outputs: a schema, regex or grammar not compiled by then gets a 400")
     g.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line (with request_id inside requests)")
-    g.add_argument("--sse-keepalive-interval", type=positive_seconds, default=15.0, metavar="SECONDS",
+    g.add_argument("--sse-keepalive-interval", type=seconds_or_off, default=15.0, metavar="SECONDS",
                    help="send a ': keepalive' SSE comment on a stream that sent nothing for this long (proxies "
-                        "cut idle connections; a long prefill sends nothing else)")
+                        "cut idle connections; a long prefill sends nothing else); 0 or off: never")
     g.add_argument("--fim-template", choices=FIM_CHOICES, default="auto",
                    help="fill-in-the-middle template for /infill and suffix: auto (from the tokenizer's vocabulary), "
                         "none, or force one (markers the vocabulary lacks are tokenized as text)")

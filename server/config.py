@@ -35,7 +35,7 @@ class ServerConfig:
     log_format: str = "text"  # text | json (one object per line, with the request id inside requests)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ('*': any)
     metrics_compat: str | None = None  # 'vllm': also export vLLM's metric names
-    sse_keepalive_interval_s: float = 15.0  # a ': keepalive' comment line on a stream silent this long
+    sse_keepalive_interval_s: float = 15.0  # a ': keepalive' comment line on a stream silent this long (0: off)
     fim_template: str = "auto"  # auto (from the vocabulary) | none | a name in csps.server.fim.TEMPLATES
     grammar_compile_timeout_s: float = DEFAULT_TIMEOUT_S  # structured outputs: a grammar not compiled by then is a 400
 
@@ -53,8 +53,8 @@ class ServerConfig:
         _check(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
         _check(self.metrics_compat in (None, "vllm"), f"metrics_compat must be vllm, got {self.metrics_compat!r}")
         _check(all(isinstance(o, str) and o for o in self.allowed_origins), "allowed_origins must be non-empty strings")
-        _check(self.sse_keepalive_interval_s > 0,
-               f"sse_keepalive_interval_s must be positive, got {self.sse_keepalive_interval_s}")
+        _check(self.sse_keepalive_interval_s >= 0,
+               f"sse_keepalive_interval_s must be >= 0 (0: off), got {self.sse_keepalive_interval_s}")
         _check(self.fim_template in FIM_CHOICES,
                f"fim_template must be one of {', '.join(FIM_CHOICES)}, got {self.fim_template!r}")
 

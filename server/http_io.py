@@ -109,7 +109,9 @@ class EngineStream(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
-        self.body_iterator = with_keepalive(self.body_iterator, scope["app"].state.cfg.sse_keepalive_interval_s)
+        interval_s = scope["app"].state.cfg.sse_keepalive_interval_s
+        if interval_s > 0:
+            self.body_iterator = with_keepalive(self.body_iterator, interval_s)
         try:
             await super().__call__(scope, receive, send)
         finally:

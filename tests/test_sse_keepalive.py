@@ -44,3 +44,16 @@ def test_closing_while_waiting_cancels_the_pending_event_and_runs_its_cleanup():
         return log
 
     assert asyncio.run(asyncio.wait_for(main(), 5)) == ["closed"]
+
+
+def test_keepalive_interval_0_or_off_turns_them_off():
+    import argparse
+
+    import pytest
+    from csps.server.cli import seconds_or_off
+    from csps.server.config import ServerConfig
+
+    assert seconds_or_off("off") == seconds_or_off("0") == 0.0 and seconds_or_off("2.5") == 2.5
+    with pytest.raises(argparse.ArgumentTypeError):
+        seconds_or_off("-1")
+    assert ServerConfig(engine_kwargs={"model": "dummy:tiny"}, sse_keepalive_interval_s=0).sse_keepalive_interval_s == 0
