@@ -2,8 +2,8 @@
 
   head    the vocabulary projection (SmolLM2: V = 49,152, H = 576) for 1-256 rows: the [V, H] layout
           (W @ h^T, used for 2-256 rows) vs the transposed [H, V] copy (h @ W_t, used for 1 row)
-  linear  every linear layer of SmolLM2 (30 layers) for 1-512 rows: x @ W_t (the model's layout) vs
-          F.linear(x, W) vs (W @ x^T)^T, alternating
+  linear  every linear layer of SmolLM2 (30 layers) for 1-512 rows in the engine's dtype: the C++ few-rows
+          kernel vs F.linear(x, W) vs (W @ x^T)^T vs csps.kernels.linear's dispatch, alternating
   zigzag  attention of rank 0's zigzag share of a 4,096-token chunk at P = 2 (2,048 queries on top of 8k
           cached tokens, 1 thread) over the ring's KV blocks: the engine's placement (pieces of one
           16-token KV block: query tiles, and a sweep of the tile size) and two pieces per rank (runs of
@@ -55,26 +55,32 @@ def bench_head() -> dict:
 
 
 def bench_linear() -> dict:
-    """Every linear layer of SmolLM2 (30 layers of distinct weights, as a step streams them) for 1-512 rows, three
-    ways MKL can be asked for it: x @ W_t on the transposed copy [in, out] the model keeps, F.linear(x, W) and
-    (W @ x^T)^T on torch's layout W [out, in]; alternating, 5 rounds, medians."""
+    """Every linear layer of SmolLM2 (30 layers of distinct weights, as a step streams them) for 1-512 rows in the
+    engine's dtype, each way ``csps.kernels.linear`` can run it on W [out, in]: the C++ few-rows kernel (up to 32
+    rows), F.linear(x, W), (W @ x^T)^T, and the dispatch itself; alternating, 5 rounds, medians."""
     import torch.nn.functional as F
 
+    from csps.device import resolve_dtype
+    from csps.kernels.linear import linear, max_kernel_rows
+
+    dtype = getattr(torch, resolve_dtype("auto", "cpu"))
     hid, inter, d = M.hidden_size, M.intermediate_size, M.head_dim
     shapes = [((M.num_heads + 2 * M.num_kv_heads) * d, hid), (hid, M.num_heads * d), (2 * inter, hid), (hid, inter)]
-    layers = [[torch.randn(o, i) for o, i in shapes] for _ in range(M.num_layers)]  # [out, in]
-    layers_t = [[w.t().contiguous() for w in ws] for ws in layers]
-    ways = {"x_at_w_t_ms": lambda x: [x[w.shape[0]] @ w for ws in layers_t for w in ws],
+    layers = [[torch.randn(o, i, dtype=dtype) for o, i in shapes] for _ in range(M.num_layers)]  # [out, in]
+    ways = {"kernel_ms": lambda x: [torch.ops.csps.linear_rows(x[w.shape[1]], w, None) for ws in layers for w in ws],
             "f_linear_ms": lambda x: [F.linear(x[w.shape[1]], w) for ws in layers for w in ws],
-            "w_at_x_t_ms": lambda x: [torch.mm(w, x[w.shape[1]].t()).t().contiguous() for ws in layers for w in ws]}
-    out = {}
-    for rows in (1, 2, 8, 32, 128, 512):
-        x = {i: torch.randn(rows, i) for _, i in shapes}
-        times: dict[str, list[float]] = {k: [] for k in ways}
+            "w_at_x_t_ms": lambda x: [torch.mm(w, x[w.shape[1]].t()).t().contiguous() for ws in layers for w in ws],
+            "dispatch_ms": lambda x: [linear(x[w.shape[1]], w) for ws in layers for w in ws]}
+    out = {"dtype": str(dtype), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "max_kernel_rows": max_kernel_rows(dtype)}
+    for rows in (1, 2, 4, 8, 16, 32, 128, 512):
+        x = {i: torch.randn(rows, i, dtype=dtype) for _, i in shapes}
+        times: dict[str, list[float]] = {k: [] for k in ways if k != "kernel_ms" or rows <= 32}
         for _ in range(5):
-            for k, fn in ways.items():
-                times[k].append(ms(lambda: fn(x), reps=2))
+            for k in times:
+                times[k].append(ms(lambda: ways[k](x), reps=2))
         out[rows] = {k: statistics.median(v) for k, v in times.items()}
+        print("linear", rows, {k: round(v, 1) for k, v in out[rows].items()}, flush=True)
     return out
 
 

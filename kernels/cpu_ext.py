@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger("csps.kernels")
 
-SOURCES = ("paged_decode.cpp", "threads.cpp")
+SOURCES = ("paged_decode.cpp", "small_gemm.cpp", "threads.cpp")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 

@@ -238,6 +238,8 @@ def test_keepalive_and_fim_flags_parse_from_the_config_file(tmp_path):
     a = build_parser().parse_args(["serve", "--config", str(cfg)])
     assert a.sse_keepalive_interval == 2.5 and a.fim_template == "qwen"
     assert build_parser().parse_args(["serve"]).sse_keepalive_interval == 15.0
-    for bad in (["--sse-keepalive-interval", "0"], ["--fim-template", "gpt"]):
+    for off in ("0", "off"):  # no keepalive at all (vllm bench serve fails streams that get one before a token)
+        assert build_parser().parse_args(["serve", "--sse-keepalive-interval", off]).sse_keepalive_interval == 0.0
+    for bad in (["--sse-keepalive-interval", "-1"], ["--sse-keepalive-interval", "soon"], ["--fim-template", "gpt"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", *bad])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from csps.config import ModelConfig
 from csps.core.tp_shard import TPShard, split_range
 from csps.kernels import RopeScaling, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from csps.kernels.linear import linear
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,25 +29,15 @@ class AllReduce(Protocol):
 
 @dataclass
 class Layer:
-    """One decoder layer's weights, stored transposed ([in, out]): on CPU ``x @ w_t`` takes MKL's faster
-    GEMV path for one token (``benchmarks/cpu_kernels.py head``: 1 row, 6 ms instead of 10)."""
+    """One decoder layer's weights, in torch's [out, in] layout (``csps.kernels.linear``)."""
 
     input_norm: torch.Tensor
-    qkv_t: torch.Tensor  # [H, (Hq_l + 2·Hkv_l)·D]
+    qkv: torch.Tensor  # [(Hq_l + 2·Hkv_l)·D, H]
     qkv_bias: torch.Tensor | None
-    o_proj_t: torch.Tensor  # [Hq_l·D, H]
+    o_proj: torch.Tensor  # [H, Hq_l·D]
     post_norm: torch.Tensor
-    gate_up_t: torch.Tensor  # [H, 2·I_l]
-    down_t: torch.Tensor  # [I_l, H]
-
-
-# rows for which the vocabulary projection uses the [V, H] layout (``benchmarks/cpu_kernels.py head``)
-LM_HEAD_ROWS_NATURAL = (2, 256)
-
-
-def linear_t(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w_t (+ bias). x: [T, in], w_t: [in, out]."""
-    return torch.addmm(bias, x, w_t) if bias is not None else torch.matmul(x, w_t)
+    gate_up: torch.Tensor  # [2·I_l, H]
+    down: torch.Tensor  # [H, I_l]
 
 
 class LlamaModel:
@@ -96,17 +87,15 @@ class LlamaModel:
             up = w(p + "mlp.up_proj.weight")[i0:i1]
             self.layers.append(Layer(
                 input_norm=w(p + "input_layernorm.weight"),
-                qkv_t=torch.cat([q, k, v]).t().contiguous(),
+                qkv=torch.cat([q, k, v]),
                 qkv_bias=bias,
-                o_proj_t=w(p + "self_attn.o_proj.weight")[:, q0 * d : q1 * d].t().contiguous(),
+                o_proj=w(p + "self_attn.o_proj.weight")[:, q0 * d : q1 * d].contiguous(),
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up_t=torch.cat([gate, up]).t().contiguous(),
-                down_t=w(p + "mlp.down_proj.weight")[:, i0:i1].t().contiguous(),
+                gate_up=torch.cat([gate, up]),
+                down=w(p + "mlp.down_proj.weight")[:, i0:i1].contiguous(),
             ))
         self.norm = w("model.norm.weight")
-        # the vocabulary projection in both layouts (tied: the natural one is the embedding itself)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w("lm_head.weight")  # [V, H]
-        self.lm_head_t = self.lm_head.t().contiguous()  # [H, V]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w("lm_head.weight")  # [V, H] (tied: the embedding)
         self.inv_freq, self.rope_factor = rope_inv_freq(
             d, cfg.rope_theta, RopeScaling.from_hf(cfg.rope_scaling)
         )
@@ -130,24 +119,21 @@ class LlamaModel:
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_factor, self.dtype)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            qkv = linear_t(h, layer.qkv_t, layer.qkv_bias)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
             # rotate q and k together: one RoPE pass over [T, Hq_l + Hkv_l, D]
             qk = apply_rope(qkv[:, : self._split[0] + self._split[1]].view(
                 t, self.num_local_heads + self.num_local_kv_heads, d), cos, sin)
             q, k = qk[:, : self.num_local_heads], qk[:, self.num_local_heads :]  # [T, Hq_l, D], [T, Hkv_l, D]
             v = qkv[:, self._split[0] + self._split[1] :].reshape(t, self.num_local_kv_heads, d)
             o = attn(i, q, k, v)  # [T, Hq_l, D]
-            x = x + self._reduce(linear_t(o.reshape(t, self.num_local_heads * d), layer.o_proj_t))
+            x = x + self._reduce(linear(o.reshape(t, self.num_local_heads * d), layer.o_proj))
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = linear_t(h, layer.gate_up_t).chunk(2, dim=-1)
-            x = x + self._reduce(linear_t(F.silu(gate) * up, layer.down_t))
+            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + self._reduce(linear(F.silu(gate) * up, layer.down))
         return x
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] (rows to sample) -> logits [N, V] in fp32."""
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
-        if LM_HEAD_ROWS_NATURAL[0] <= h.shape[0] <= LM_HEAD_ROWS_NATURAL[1]:
-            # MKL on AVX2: a few rows run 1.5-3x faster as (W @ h^T)^T than as h @ W^T
-            return torch.mm(self.lm_head, h.t()).t().float().contiguous()
-        return linear_t(h, self.lm_head_t).float()
+        return linear(h, self.lm_head).float()

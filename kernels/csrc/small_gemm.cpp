@@ -1,0 +1,131 @@
+// y = x @ Wᵀ for a few rows of x (decode steps of 1-8 sequences): W [out, in] in torch's layout is streamed
+// once, row by row, each row dotted with every row of x (fp32 accumulation, fp32 or bf16 operands). A decode
+// step's linear layers are bound by reading their weights; MKL's GEMM paths for so few rows read them at a
+// fraction of the memory bandwidth (benchmarks/cpu_kernels.py linear). The plain-torch twin and oracle is
+// F.linear.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+inline v8f load8(const float* p) {
+  v8f r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline v8f load8(const uint16_t* p) {  // bfloat16: the high half of an fp32
+  v8h h;
+  std::memcpy(&h, p, sizeof(h));
+  const v8u w = __builtin_convertvector(h, v8u) << 16;
+  v8f r;
+  std::memcpy(&r, &w, sizeof(r));
+  return r;
+}
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u += 0x7fff + ((u >> 16) & 1);
+  *p = static_cast<uint16_t>(u >> 16);
+}
+inline float hsum(v8f v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// R rows of x (already fp32, [R][in]) against W rows [o0, o1)
+template <int R, typename T>
+void rows_block(const float* xf, const T* w, const T* bias, T* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  const int64_t n8 = in - in % 8;
+  for (int64_t o = o0; o < o1; ++o) {
+    const T* wr = w + o * in;
+    __builtin_prefetch(wr + 4 * in, 0, 0);
+    v8f acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = v8f{};
+    for (int64_t i = 0; i < n8; i += 8) {
+      const v8f wv = load8(wr + i);
+      for (int r = 0; r < R; ++r) acc[r] += load8(xf + r * in + i) * wv;
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[r]);
+      for (int64_t i = n8; i < in; ++i) s += xf[r * in + i] * to_float(wr[i]);
+      if (bias != nullptr) s += to_float(bias[o]);
+      store(y + r * out + o, s);
+    }
+  }
+}
+
+template <typename T>
+void rows_any(int rows, const float* xf, const T* w, const T* bias, T* y, int64_t in, int64_t out, int64_t o0,
+              int64_t o1) {
+  switch (rows) {
+    case 1: return rows_block<1>(xf, w, bias, y, in, out, o0, o1);
+    case 2: return rows_block<2>(xf, w, bias, y, in, out, o0, o1);
+    case 3: return rows_block<3>(xf, w, bias, y, in, out, o0, o1);
+    case 4: return rows_block<4>(xf, w, bias, y, in, out, o0, o1);
+    case 5: return rows_block<5>(xf, w, bias, y, in, out, o0, o1);
+    case 6: return rows_block<6>(xf, w, bias, y, in, out, o0, o1);
+    case 7: return rows_block<7>(xf, w, bias, y, in, out, o0, o1);
+    default: return rows_block<8>(xf, w, bias, y, in, out, o0, o1);
+  }
+}
+
+// rows in blocks of 8 over a tile of W rows: the tile is read from memory once, the later blocks find it in cache
+constexpr int64_t kTile = 32;
+
+template <typename T>
+void run(const float* xf, const T* w, const T* bias, T* y, int64_t rows, int64_t in, int64_t out) {
+  at::parallel_for(0, (out + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * kTile, o1 = std::min(out, o0 + kTile);
+      for (int64_t r = 0; r < rows; r += 8)
+        rows_any<T>(static_cast<int>(std::min<int64_t>(8, rows - r)), xf + r * in, w, bias, y + r * out, in, out,
+                    o0, o1);
+    }
+  });
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  // x: [R, in], w: [out, in], bias: [out]; fp32 or bf16, one dtype -> [R, out] in that dtype
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_rows: x [R, in], w [out, in]");
+  TORCH_CHECK(x.size(0) >= 1, "linear_rows: at least one row");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "linear_rows: x and w both float32 or both bfloat16");
+  TORCH_CHECK(w.is_contiguous(), "linear_rows: w must be contiguous");
+  const auto wb = bias.has_value() ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!wb.defined() || (wb.numel() == w.size(0) && wb.scalar_type() == w.scalar_type()), "linear_rows: bias [out]");
+  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
+  const auto xf = x.to(at::kFloat).contiguous();
+  auto y = at::empty({rows, out}, x.options());
+  if (w.scalar_type() == at::kFloat) {
+    run<float>(xf.data_ptr<float>(), w.data_ptr<float>(), wb.defined() ? wb.data_ptr<float>() : nullptr,
+               y.data_ptr<float>(), rows, in, out);
+  } else {
+    auto p = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+    run<uint16_t>(xf.data_ptr<float>(), p(w), wb.defined() ? p(wb) : nullptr, p(y), rows, in, out);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(csps, m) { m.def("linear_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(csps, CPU, m) { m.impl("linear_rows", &linear_rows); }

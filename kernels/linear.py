@@ -1,0 +1,49 @@
+"""Linear layers: ``linear(x, w, bias)`` = x @ wᵀ (+ bias), w in torch's layout [out, in]; the device dispatch.
+
+A step's linear layers multiply its T new tokens by every weight matrix, so their cost follows T
+(``benchmarks/cpu_kernels.py linear`` measures all of this on SmolLM2's 30 layers):
+  * CPU, few rows (decode steps): ``torch.ops.csps.linear_rows``, the C++ kernel that streams W once at the
+    memory's bandwidth and dots each W row with every row of x; MKL's GEMM paths read the weights at a
+    fraction of it for so few rows on AMD Zen 3 (AVX2, fp32: 1 row 18 vs 27 ms, 8 rows 36 vs 73 ms, 24 rows
+    75 vs 89 ms); on AVX-512 Intel CPUs they do not, and the kernel is not used (``MAX_KERNEL_ROWS``);
+  * CPU, up to a few hundred rows: (W @ xᵀ)ᵀ, W as MKL's left operand (25% faster at 32 rows than x @ Wᵀ);
+  * CPU prefill chunks and CUDA: ``F.linear`` (cuBLAS takes either operand order at the same speed).
+``F.linear`` is the plain-torch twin every path is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from csps.kernels import cpu_ext
+
+# the most rows the C++ kernel takes, by torch's CPU capability (benchmarks/cpu_kernels.py linear, 30 layers of
+# distinct weights): on AVX2 (AMD Zen 3, where MKL leaves its fast paths to Intel CPUs) the kernel wins up to 32
+# rows; on AVX-512 (Intel Sapphire Rapids) MKL/oneDNN read the weights at the memory's bandwidth already (fp32
+# 1 row 22 vs the kernel's 25 ms, bf16 22 vs 30 ms), so the kernel is not used there
+MAX_KERNEL_ROWS = {"AVX2": {torch.float32: 32, torch.bfloat16: 4},
+                   "AVX512": {torch.float32: 0, torch.bfloat16: 0}}
+MAX_LEFT_W_ROWS = 256  # up to here (W @ x^T)^T; beyond, F.linear
+
+
+@functools.cache
+def max_kernel_rows(dtype: torch.dtype, capability: str | None = None) -> int:
+    """The most rows ``linear`` sends to the C++ kernel on this CPU (``capability``: torch's, e.g. 'AVX2')."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    return MAX_KERNEL_ROWS.get(capability, MAX_KERNEL_ROWS["AVX2"]).get(dtype, 0)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [T, in], w: [out, in] contiguous, bias: [out] -> [T, out]
+    if x.is_cuda:
+        return F.linear(x, w, bias)
+    rows = x.shape[0]
+    if 0 < rows <= max_kernel_rows(w.dtype) and x.dtype == w.dtype and cpu_ext.available():
+        return torch.ops.csps.linear_rows(x, w, bias)
+    if rows <= MAX_LEFT_W_ROWS:
+        y = torch.mm(w, x.t()).t().contiguous()
+        return y.add_(bias) if bias is not None else y
+    return F.linear(x, w, bias)
