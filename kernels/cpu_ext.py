@@ -25,9 +25,9 @@ import torch
 
 log = logging.getLogger("csps.kernels")
 
-SOURCES = ("paged_decode.cpp", "small_gemm.cpp", "threads.cpp")
+SOURCES = ("paged_decode.cpp", "pointwise.cpp", "small_gemm.cpp", "threads.cpp")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math")  # no FP traps: float->int casts vectorize
 
 
 def _cpu_flags() -> str:
@@ -100,6 +100,13 @@ def load() -> str | None:
 
 def available() -> bool:
     return load() is None
+
+
+def handles(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ kernels take these tensors: on the CPU, all float32 or all bfloat16, kernels built."""
+    t0 = tensors[0]
+    return (t0.device.type == "cpu" and t0.dtype in (torch.float32, torch.bfloat16)
+            and all(t.dtype == t0.dtype and t.device.type == "cpu" for t in tensors) and available())
 
 
 def bind_threads(cpus: list[int]) -> bool:

@@ -5,7 +5,7 @@ A step's linear layers multiply its T new tokens by every weight matrix, so thei
   * CPU, few rows (decode steps): ``torch.ops.csps.linear_rows``, the C++ kernel that streams W once at the
     memory's bandwidth and dots each W row with every row of x; MKL's GEMM paths read the weights at a
     fraction of it for so few rows on AMD Zen 3 (AVX2, fp32: 1 row 18 vs 27 ms, 8 rows 36 vs 73 ms, 24 rows
-    75 vs 89 ms); on AVX-512 Intel CPUs they do not, and the kernel is not used (``MAX_KERNEL_ROWS``);
+    75 vs 89 ms); on AVX-512 Intel CPUs only bf16 weights for 1-2 rows (``MAX_KERNEL_ROWS``);
   * CPU, up to a few hundred rows: (W @ xᵀ)ᵀ, W as MKL's left operand (25% faster at 32 rows than x @ Wᵀ);
   * CPU prefill chunks and CUDA: ``F.linear`` (cuBLAS takes either operand order at the same speed).
 ``F.linear`` is the plain-torch twin every path is tested against.
@@ -22,10 +22,10 @@ from csps.kernels import cpu_ext
 
 # the most rows the C++ kernel takes, by torch's CPU capability (benchmarks/cpu_kernels.py linear, 30 layers of
 # distinct weights): on AVX2 (AMD Zen 3, where MKL leaves its fast paths to Intel CPUs) the kernel wins up to 32
-# rows; on AVX-512 (Intel Sapphire Rapids) MKL/oneDNN read the weights at the memory's bandwidth already (fp32
-# 1 row 22 vs the kernel's 25 ms, bf16 22 vs 30 ms), so the kernel is not used there
+# rows; on AVX-512 (Intel Sapphire Rapids) MKL/oneDNN read fp32 weights at the memory's bandwidth already (1 row:
+# kernel 25 ms, MKL 22.5 ms), and bf16 ones only for 1-2 rows slower than the kernel (17.7 vs 22-24 ms)
 MAX_KERNEL_ROWS = {"AVX2": {torch.float32: 32, torch.bfloat16: 4},
-                   "AVX512": {torch.float32: 0, torch.bfloat16: 0}}
+                   "AVX512": {torch.float32: 0, torch.bfloat16: 2}}
 MAX_LEFT_W_ROWS = 256  # up to here (W @ x^T)^T; beyond, F.linear
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from csps.kernels import cpu_ext
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -111,7 +113,17 @@ def rope_cos_sin(
     return (emb.cos() * attn_factor).to(dtype), (emb.sin() * attn_factor).to(dtype)
 
 
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in place (x may be a view with strided rows, e.g. the q and k heads of a fused QKV output): the C++
+    kernel on the CPU, else ``apply_rope`` copied back."""
+    # x: [T, H, D], cos/sin: [T, D] -> x
+    if cpu_ext.handles(x, cos, sin) and x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous():
+        return torch.ops.csps.rope_(x, cos, sin)
+    return x.copy_(apply_rope(x, cos, sin))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The plain-torch RoPE (a new tensor): the twin of ``apply_rope_``."""
     # x: [T, H, D], cos/sin: [T, D]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 from csps.config import ModelConfig
 from csps.core.tp_shard import TPShard, split_range
-from csps.kernels import RopeScaling, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from csps.kernels import RopeScaling, rms_norm, rope_cos_sin, rope_inv_freq
+from csps.kernels.activation import silu_mul
+from csps.kernels.norm import add_rms_norm_
+from csps.kernels.rope import apply_rope_
 from csps.kernels.linear import linear
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -117,19 +120,23 @@ class LlamaModel:
         t = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed)  # [T, H]
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_factor, self.dtype)
+        # the residual stream x is updated in place; each add is fused with the norm that follows it
+        h = rms_norm(x, self.layers[0].input_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = linear(h, layer.qkv, layer.qkv_bias)
-            # rotate q and k together: one RoPE pass over [T, Hq_l + Hkv_l, D]
-            qk = apply_rope(qkv[:, : self._split[0] + self._split[1]].view(
+            # rotate q and k together, in place: one RoPE pass over [T, Hq_l + Hkv_l, D]
+            qk = apply_rope_(qkv[:, : self._split[0] + self._split[1]].view(
                 t, self.num_local_heads + self.num_local_kv_heads, d), cos, sin)
             q, k = qk[:, : self.num_local_heads], qk[:, self.num_local_heads :]  # [T, Hq_l, D], [T, Hkv_l, D]
             v = qkv[:, self._split[0] + self._split[1] :].reshape(t, self.num_local_kv_heads, d)
             o = attn(i, q, k, v)  # [T, Hq_l, D]
-            x = x + self._reduce(linear(o.reshape(t, self.num_local_heads * d), layer.o_proj))
-            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + self._reduce(linear(F.silu(gate) * up, layer.down))
+            h = add_rms_norm_(x, self._reduce(linear(o.reshape(t, self.num_local_heads * d), layer.o_proj)),
+                              layer.post_norm, cfg.rms_norm_eps)
+            mlp_out = self._reduce(linear(silu_mul(linear(h, layer.gate_up)), layer.down))  # [T, H]
+            if i + 1 < len(self.layers):
+                h = add_rms_norm_(x, mlp_out, self.layers[i + 1].input_norm, cfg.rms_norm_eps)
+            else:
+                x.add_(mlp_out)
         return x
 
     @torch.inference_mode()
