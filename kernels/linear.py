@@ -6,7 +6,7 @@ A step's linear layers multiply its T new tokens by every weight matrix, so thei
     memory's bandwidth and dots each W row with every row of x; MKL's GEMM paths read the weights at a
     fraction of it for so few rows on AMD Zen 3 (AVX2, fp32: 1 row 18 vs 27 ms, 8 rows 36 vs 73 ms, 24 rows
     75 vs 89 ms); on AVX-512 Intel CPUs only bf16 weights for 1-2 rows (``MAX_KERNEL_ROWS``);
-  * CPU, up to a few hundred rows: (W @ xᵀ)ᵀ, W as MKL's left operand (25% faster at 32 rows than x @ Wᵀ);
+  * CPU, up to a few hundred rows on AVX2: (W @ xᵀ)ᵀ, W as MKL's left operand (25% faster at 32 rows than x @ Wᵀ);
   * CPU prefill chunks and CUDA: ``F.linear`` (cuBLAS takes either operand order at the same speed).
 ``F.linear`` is the plain-torch twin every path is tested against.
 """
@@ -26,7 +26,9 @@ from csps.kernels import cpu_ext
 # kernel 25 ms, MKL 22.5 ms), and bf16 ones only for 1-2 rows slower than the kernel (17.7 vs 22-24 ms)
 MAX_KERNEL_ROWS = {"AVX2": {torch.float32: 32, torch.bfloat16: 4},
                    "AVX512": {torch.float32: 0, torch.bfloat16: 2}}
-MAX_LEFT_W_ROWS = 256  # up to here (W @ x^T)^T; beyond, F.linear
+# the most rows computed as (W @ x^T)^T, W as MKL's left operand (25% faster at 32 rows on AVX2); on AVX-512 F.linear
+# is as fast from ~24 rows (bf16, 30 layers: 8 rows 18 vs 22 ms, 32 rows 26 vs 24 ms, 128 rows 62 vs 51 ms)
+MAX_LEFT_W_ROWS = {"AVX2": 256, "AVX512": 16}
 
 
 @functools.cache
@@ -36,6 +38,13 @@ def max_kernel_rows(dtype: torch.dtype, capability: str | None = None) -> int:
     return MAX_KERNEL_ROWS.get(capability, MAX_KERNEL_ROWS["AVX2"]).get(dtype, 0)
 
 
+@functools.cache
+def max_left_w_rows(capability: str | None = None) -> int:
+    """The most rows ``linear`` computes as (W @ x^T)^T on this CPU."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    return MAX_LEFT_W_ROWS.get(capability, MAX_LEFT_W_ROWS["AVX2"])
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [T, in], w: [out, in] contiguous, bias: [out] -> [T, out]
     if x.is_cuda:
@@ -43,7 +52,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     rows = x.shape[0]
     if 0 < rows <= max_kernel_rows(w.dtype) and x.dtype == w.dtype and cpu_ext.available():
         return torch.ops.csps.linear_rows(x, w, bias)
-    if rows <= MAX_LEFT_W_ROWS:
+    if rows <= max_left_w_rows():
         y = torch.mm(w, x.t()).t().contiguous()
         return y.add_(bias) if bias is not None else y
     return F.linear(x, w, bias)

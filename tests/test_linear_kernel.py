@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from csps.kernels import cpu_ext
-from csps.kernels.linear import MAX_KERNEL_ROWS, MAX_LEFT_W_ROWS, linear, max_kernel_rows
+from csps.kernels.linear import MAX_KERNEL_ROWS, linear, max_kernel_rows, max_left_w_rows
 
 
 def test_linear_kernel_builds_on_this_machine():
@@ -43,7 +43,8 @@ def test_linear_dispatch_matches_f_linear_on_every_path(dtype):
     w = torch.randn(96, 48, generator=g).to(dtype)
     bias = torch.randn(96, generator=g).to(dtype)
     # the kernel's range, (W @ x^T)^T's and F.linear's
-    for rows in {1, max(1, max_kernel_rows(dtype)), max_kernel_rows(dtype) + 1, MAX_LEFT_W_ROWS, MAX_LEFT_W_ROWS + 1}:
+    for rows in {1, max(1, max_kernel_rows(dtype)), max_kernel_rows(dtype) + 1, max(1, max_left_w_rows()),
+                 max_left_w_rows() + 1, 300}:
         x = torch.randn(rows, 48, generator=g).to(dtype)
         for b in (None, bias):
             got, ref = linear(x, w, b), F.linear(x, w, b)
@@ -58,3 +59,4 @@ def test_kernel_rows_follow_the_cpu_capability():
     assert max_kernel_rows(torch.float32, "AVX512") == 0
     assert max_kernel_rows(torch.float32, "DEFAULT") == MAX_KERNEL_ROWS["AVX2"][torch.float32]  # unknown: AVX2's
     assert max_kernel_rows(torch.float16, "AVX2") == 0  # a dtype the kernel lacks never reaches it
+    assert max_left_w_rows("AVX2") == 256 and max_left_w_rows("AVX512") == 16 and max_left_w_rows("DEFAULT") == 256

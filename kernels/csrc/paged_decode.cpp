@@ -23,12 +23,18 @@
 
 namespace {
 
-// 8 floats: one AVX2 register (two SSE registers or half an AVX-512 one elsewhere); GCC/Clang vector
-// extensions keep the code portable across the x86 kinds this runs on.
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
+// kLanes floats per vector: a whole AVX-512 register where the CPU has them (bf16 rows widen to fp32 in half
+// the instructions), else one AVX2 register; GCC/Clang vector extensions keep the code portable across the x86
+// kinds this runs on. head_dim must be a multiple of kLanes (paged_decode checks; Python asks for 16).
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float v8f __attribute__((vector_size(4 * kLanes)));
+typedef int32_t v8i __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t v8u __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t v8h __attribute__((vector_size(2 * kLanes)));
 
 inline v8f load8(const float* p) {
   v8f r;
@@ -43,13 +49,23 @@ inline v8f load8(const uint16_t* p) {  // bfloat16: the high half of an fp32
   std::memcpy(&r, &w, sizeof(r));
   return r;
 }
+typedef float v4f __attribute__((vector_size(16)));
+// the sum of the lanes as a tree (a lane-by-lane sum was a chain of dependent adds that dominated scoring)
 inline float hsum(v8f v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
+#ifdef __AVX512F__
+  typedef float v8h_f __attribute__((vector_size(32)));
+  const v8h_f h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4f a = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#else
+  v4f a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#endif
+  a += __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  a += __builtin_shufflevector(a, a, 1, 0, 3, 2);
+  return a[0];
 }
 
-// exp(x) for x <= 0 (scores minus their maximum), 8 at a time: exp(x) = 2^n · exp(r), |r| <= ln2/2,
+// exp(x) for x <= 0 (scores minus their maximum), kLanes at a time: exp(x) = 2^n · exp(r), |r| <= ln2/2,
 // exp(r) by Cephes' degree-6 polynomial (relative error ~2e-7); x below -87.3 gives ~1e-38, not 0.
 inline v8f exp8(v8f x) {
   const v8f lo = v8f{} - 87.3f;
@@ -88,7 +104,7 @@ inline void score_row(const v8f* qv, const T* krow, int64_t C, float* out, int64
   v8f acc[G];
   for (int g = 0; g < G; ++g) acc[g] = v8f{};
   for (int64_t c = 0; c < C; ++c) {
-    const v8f k = load8(krow + 8 * c);
+    const v8f k = load8(krow + kLanes * c);
     for (int g = 0; g < G; ++g) acc[g] += qv[g * C + c] * k;
   }
   for (int g = 0; g < G; ++g) out[g * out_stride] = hsum(acc[g]);
@@ -100,7 +116,7 @@ inline void accumulate_row(const float* p, int64_t p_stride, const T* vrow, int6
   float w[G];
   for (int g = 0; g < G; ++g) w[g] = p[g * p_stride];
   for (int64_t c = 0; c < C; ++c) {
-    const v8f v = load8(vrow + 8 * c);
+    const v8f v = load8(vrow + kLanes * c);
     for (int g = 0; g < G; ++g) acc[g * C + c] += w[g] * v;
   }
 }
@@ -127,13 +143,13 @@ inline void accumulate_heads(int G, const float* p, int64_t p_stride, const T* v
 
 // softmax state of one partition: scores [slots][P] become exp(score - max) in place
 inline void softmax_rows(float* scores, int64_t num_slots, int64_t P, int64_t n, float* max_out, float* sum_out) {
-  const int64_t n8 = n - n % 8;
+  const int64_t n8 = n - n % kLanes;
   for (int64_t j = 0; j < num_slots; ++j) {
     float* sj = scores + j * P;
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) m = std::max(m, sj[i]);
     v8f l8 = v8f{};
-    for (int64_t i = 0; i < n8; i += 8) {
+    for (int64_t i = 0; i < n8; i += kLanes) {
       const v8f e = exp8(load8(sj + i) - m);
       std::memcpy(sj + i, &e, sizeof(e));
       l8 += e;
@@ -157,7 +173,7 @@ void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const 
   // sequence's keys for every head: each cache row (all KV heads of a token) is read once, front to back.
   constexpr int kGroup = 4;  // query heads per pass over a KV head's row
   const int64_t B = s.batch, Hq = s.num_q_heads, Hkv = s.num_kv_heads, D = s.head_dim, BS = s.block_size;
-  const int64_t C = D / 8, P = partition_tokens;
+  const int64_t C = D / kLanes, P = partition_tokens;
   // visible keys [lo, hi) of every sequence and its partitions
   std::vector<int64_t> lo(B), first_part(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
@@ -175,6 +191,7 @@ void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const 
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = first_part[b]; p < first_part[b + 1]; ++p) seq_of_part[p] = b;
   const int64_t row_stride = Hkv * D;  // one token's row in a cache block
+  const int bs_shift = (BS & (BS - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(BS)) : -1;
   const int64_t row_bytes = row_stride * static_cast<int64_t>(sizeof(T));
 
   at::parallel_for(0, num_parts, 1, [&](int64_t begin, int64_t end) {
@@ -186,11 +203,13 @@ void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const 
       const int32_t* table = tables + rows[b] * s.table_width;
       for (int64_t j = 0; j < Hq; ++j) {
         const float* qh = q + (b * Hq + kv_q_index[j]) * D;
-        for (int64_t c = 0; c < C; ++c) qv[j * C + c] = load8(qh + 8 * c) * scale;
+        for (int64_t c = 0; c < C; ++c) qv[j * C + c] = load8(qh + kLanes * c) * scale;
       }
       // the cache row of key t (all KV heads of the token), read in place
+      // (block sizes are powers of two in practice: a shift and a mask instead of two 64-bit divisions per row)
       auto row = [&](const T* cache, int64_t t) {
-        return cache + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * row_stride;
+        const int64_t blk = bs_shift >= 0 ? t >> bs_shift : t / BS, off = bs_shift >= 0 ? t & (BS - 1) : t % BS;
+        return cache + (static_cast<int64_t>(table[blk]) * BS + off) * row_stride;
       };
       for (int64_t t = t0; t < t1; ++t) {  // scores
         const T* krow = row(kc, t);
@@ -267,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   const auto index = kv_q_index.contiguous();
   Shape s{q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
   TORCH_CHECK(k_cache.size(3) == s.head_dim, "paged_decode: head_dim differs between q and the cache");
-  TORCH_CHECK(s.head_dim % 8 == 0, "paged_decode: head_dim must be a multiple of 8");
+  TORCH_CHECK(s.head_dim % kLanes == 0, "paged_decode: head_dim must be a multiple of ", kLanes);
   TORCH_CHECK(rows.size(0) == s.batch && lens.size(0) == s.batch, "paged_decode: one row and length per query");
   TORCH_CHECK(offs.size(0) == s.num_kv_heads + 1 && index.size(0) == s.num_q_heads, "paged_decode: bad head map");
   const int64_t* rp = rows.data_ptr<int64_t>();
