@@ -52,7 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="ring prefill exchange: auto picks per chunk (Meta's rule, calibrated at start-up)")
     g.add_argument("--sp-threshold", type=parse_len, default=4096,
                    help="prompts longer than this run sequence-parallel")
-    g.add_argument("--token-budget", type=parse_len, default=512, help="tokens per rank per step")
+    g.add_argument("--token-budget", type=parse_len, default=None,
+                   help="tokens per rank per step (default: 1024 on CPU, 512 on CUDA)")
     g.add_argument("--step-time-budget-ms", type=parse_time_budget, default="auto", metavar="auto|off|MS",
                    help="size prefill chunks so a step's predicted time stays within this budget (the token "
                         "budget stays an upper bound); auto: the time of the step's decodes plus the fresh "

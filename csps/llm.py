@@ -13,7 +13,7 @@ def make_engine_config(
     model: str = "smollm2",
     device: str = "auto",
     dtype: str = "auto",
-    token_budget: int = 512,
+    token_budget: int | None = None,
     max_model_len: int | None = None,
     max_num_seqs: int = 256,
     block_size: int = 16,
@@ -31,6 +31,10 @@ def make_engine_config(
     seed: int = 0,
     max_waiting: int = 1024,
 ) -> EngineConfig:
+    if token_budget is None:  # by the device: csps.device.default_token_budget
+        from csps.device import default_token_budget, resolve_device
+
+        token_budget = default_token_budget(resolve_device(device))
     return EngineConfig(
         model=model,
         device=device,

@@ -74,3 +74,13 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert [r["tokens"] for r in doc["ttft"]] == [512, 2048] and all(r["predicted_s"] > 0 for r in doc["ttft"])
     assert [r["batch"] for r in doc["decode"]] == [1, 32] and all(r["steps"] > 0 for r in doc["decode"])
     assert "skipped" in doc["sp2"]
+
+
+def test_token_budget_defaults_by_device():
+    from csps.device import default_token_budget
+    from csps.llm import make_engine_config
+
+    assert default_token_budget("cpu") == 1024 and default_token_budget("cuda") == 512
+    assert default_token_budget("cuda:1") == 512
+    assert make_engine_config(device="cpu").scheduler.token_budget == 1024
+    assert make_engine_config(device="cpu", token_budget=256).scheduler.token_budget == 256  # given: kept

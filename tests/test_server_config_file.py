@@ -53,7 +53,8 @@ def test_vllm_flag_names_are_aliases():
     a = parse("--no-prefix-caching", "--enable-prefix-caching")
     assert a.no_prefix_caching is False
     d = parse()
-    assert (d.tp, d.token_budget, d.no_prefix_caching) == (1, 512, False)  # aliases do not change defaults
+    assert (d.tp, d.token_budget, d.no_prefix_caching) == (1, None, False)  # aliases do not change defaults (None:
+    # the device's default, csps.device.default_token_budget)
 
 
 @pytest.mark.parametrize("text,fragment", [
