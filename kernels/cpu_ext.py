@@ -26,6 +26,7 @@ import torch
 log = logging.getLogger("csps.kernels")
 
 SOURCES = ("paged_decode.cpp", "pointwise.cpp", "small_gemm.cpp", "threads.cpp")
+HEADERS = ("vec.h",)  # included by the sources: part of the build key
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math")  # no FP traps: float->int casts vectorize
 
@@ -46,7 +47,7 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """What a build depends on: the sources, the flags, torch, Python and this CPU's features."""
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(os.path.join(CSRC, name), "rb") as f:
             h.update(f.read())
     h.update(" ".join(CFLAGS).encode())

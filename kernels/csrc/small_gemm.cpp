@@ -11,32 +11,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec.h"
+
 namespace {
 
-// kLanes fp32 lanes per vector: a whole AVX-512 register where the CPU has them (bf16 weights widen to fp32
-// twice as fast), else AVX2's 8
-#ifdef __AVX512F__
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float v8f __attribute__((vector_size(4 * kLanes)));
-typedef uint32_t v8u __attribute__((vector_size(4 * kLanes)));
-typedef uint16_t v8h __attribute__((vector_size(2 * kLanes)));
-
-inline v8f load8(const float* p) {
-  v8f r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-inline v8f load8(const uint16_t* p) {  // bfloat16: the high half of an fp32
-  v8h h;
-  std::memcpy(&h, p, sizeof(h));
-  const v8u w = __builtin_convertvector(h, v8u) << 16;
-  v8f r;
-  std::memcpy(&r, &w, sizeof(r));
-  return r;
-}
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) {
   const uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -50,11 +28,6 @@ inline void store(uint16_t* p, float v) {  // round to nearest even
   std::memcpy(&u, &v, sizeof(u));
   u += 0x7fff + ((u >> 16) & 1);
   *p = static_cast<uint16_t>(u >> 16);
-}
-inline float hsum(v8f v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
 }
 
 // R rows of x (already fp32, [R][in]) against W rows [o0, o1), G W rows at a time: R·G independent accumulator
