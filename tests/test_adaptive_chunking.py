@@ -113,3 +113,24 @@ def test_step_timer_learns_a_constant_factor_from_measured_steps():
     for _ in range(30):
         timer.observe(*shape, 2.5 * raw)
     assert timer(*shape) == pytest.approx(2.5 * raw, rel=1e-3)
+
+
+def test_step_timer_learns_attention_and_the_rest_apart():
+    """A machine whose attention over a long cache costs half what the profile says and whose GEMMs cost twice:
+    one factor cannot predict both a fresh chunk and a chunk on a long cache; the two-term fit does."""
+    from csps.perf.hardware import get_profile
+    from csps.presets import preset_config
+
+    timer = StepTimer(preset_config("llama3-8b"), get_profile("h100"), 2)
+    fresh = (((512, 0, 1),), ((600, 1),) * 8)
+    long_cache = (((256, 60000, 1),), ((600, 1),) * 8)
+    truth = {s: 0.5 * timer.parts_s(*s)[0] + 2.0 * timer.parts_s(*s)[1] for s in (fresh, long_cache)}
+    single = {s: truth[s] / timer.raw_s(*s) for s in truth}
+    assert abs(single[fresh] - single[long_cache]) > 0.3  # the two shapes need different single factors
+    for _ in range(20):
+        for s in (fresh, long_cache):
+            timer.observe(*s, truth[s])
+    for s in truth:
+        assert timer(*s) == pytest.approx(truth[s], rel=0.05)
+    # (the ridge holds both a little towards the single ratio)
+    assert 0.45 < timer.attn_correction < 0.7 and 1.8 < timer.rest_correction < 2.1
