@@ -1,6 +1,6 @@
 """Issue 12's acceptance on the embedded SmolLM2-135M-Instruct, over real HTTP: /infill with a 6,000-character
 repository file answers with content and timings and its repeat is served from the prefix cache; a ~4k-token
-streamed prompt gets a keepalive comment before its first data line (--sse-keepalive-interval 1); a
+streamed prompt gets a keepalive comment before its first data line (--sse-keepalive-interval 0.2); a
 max_tokens 0 warm-up makes a longer prompt with the same prefix start from the cache.
 
 SmolLM2's vocabulary has StarCoder2's repository tokens (<repo_name>, <file_sep>) but no FIM tokens, so
@@ -29,7 +29,7 @@ def source_file(num_chars: int) -> str:
 @pytest.fixture(scope="module")
 def http():
     args = ["--model", "smollm2", "--max-model-len", "8192", "--fim-template", "starcoder",
-            "--sse-keepalive-interval", "1"]
+            "--sse-keepalive-interval", "0.2"]  # a 4k-token prefill takes well over a second on 2 cores
     with ServerProcess(args, timeout_s=900) as srv, httpx.Client(base_url=srv.url, timeout=900) as c:
         yield c
 
