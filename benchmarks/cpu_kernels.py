@@ -11,9 +11,11 @@
   decode  decode attention over the paged cache for a step (30 layers), batches 1/8/32 of 560 tokens in
           shuffled blocks: the C++ kernel (blocks read in place) vs its plain-torch twin (gather + attention)
   decode_long  the same at 8k context, batches 1/4/8
+  prefill attention of a prefill chunk over its sequence's prefix (SmolLM2's heads, 30 layers): the C++ kernel
+          vs torch's CPU flash kernel (attention_torch), fp32 and bf16, fresh chunks and chunks on a cache
   step    the engine's decode-only step for SmolLM2 at batches 1/8/32 (512-token prompts)
 
-Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long step]   (~6 min)
+Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long prefill step]   (~6 min)
 """
 
 from __future__ import annotations
@@ -164,6 +166,31 @@ def bench_decode_long() -> dict:
     return _decode_kernel_vs_twin((1, 4, 8), ctx=8192)
 
 
+def bench_prefill() -> dict:
+    """Attention of one prefill chunk (Tq queries at the end of Tk keys) for a step's 30 layers: the C++ kernel vs
+    the plain-torch path it replaces (torch's CPU flash attention, split at the cache), alternating, 3 rounds,
+    best of each; q as the engine has it (a view into the fused qkv rows)."""
+    from csps.kernels.prefill import prefill_attention
+
+    h, hkv, d = M.num_heads, M.num_kv_heads, M.head_dim
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for tq, tk in ((512, 512), (1024, 1024), (1024, 4096), (64, 4096), (1024, 8192)):
+            qkv = torch.randn(tq, (h + 2 * hkv) * d).to(dtype)
+            q = qkv[:, : h * d].view(tq, h, d)
+            k, v = torch.randn(tk, hkv, d).to(dtype), torch.randn(tk, hkv, d).to(dtype)
+            q_pos, k_pos = torch.arange(tk - tq, tk), torch.arange(tk)
+            kernel, twin = [], []
+            for _ in range(3):
+                kernel.append(ms(lambda: prefill_attention(q, k, v, tk - tq, d**-0.5), reps=3) * M.num_layers)
+                twin.append(ms(lambda: attention_torch(q, k, v, q_pos, k_pos), reps=3) * M.num_layers)
+            flop = 4 * h * d * (tq * (tk - tq) + tq * tq / 2) * M.num_layers  # the visible (causal) part
+            out[f"{str(dtype)[6:]} {tq}x{tk}"] = {
+                "kernel_ms_per_step": min(kernel), "torch_ms_per_step": min(twin),
+                "torch_over_kernel": min(twin) / min(kernel), "kernel_tflop_s": flop / min(kernel) / 1e9}
+    return out
+
+
 def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
     from csps import LLM, SamplingParams
 
@@ -187,7 +214,7 @@ def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
 
 
 PARTS = {"head": bench_head, "linear": bench_linear, "zigzag": bench_zigzag, "decode": bench_decode,
-         "decode_long": bench_decode_long,
+         "decode_long": bench_decode_long, "prefill": bench_prefill,
          "step": bench_step}
 
 
@@ -221,6 +248,10 @@ def main() -> None:
                      for k, v in blocks.items()],
                     ("layout", "keys", "tiles/runs ms", "masked ms", "ratio")))
         print(table([(t, f"{v:.0f}") for t, v in res["zigzag"]["q_tile_sweep_ms"].items()], ("Q_TILE", "own share ms")))
+    if "prefill" in res:
+        print(table([(c, f"{v['kernel_ms_per_step']:.1f}", f"{v['torch_ms_per_step']:.1f}", f"{v['torch_over_kernel']:.2f}x",
+                      f"{v['kernel_tflop_s']:.2f}") for c, v in res["prefill"].items()],
+                    ("dtype Tq x Tk", "C++ kernel ms/step", "torch flash ms/step", "ratio", "kernel TFLOP/s")))
     for part in ("decode", "decode_long"):
         if part in res:
             print(table([(b, f"{v['kernel_ms_per_step']:.1f}", f"{v['torch_twin_ms_per_step']:.1f}",

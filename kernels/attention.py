@@ -1,7 +1,8 @@
 """Attention returning ``(out, lse)``: the device dispatch.
 
 CUDA tensors go to ``cuda_attention`` (flash-attn when installed, imported lazily; it falls back to
-the torch path itself); everything else runs ``attention_torch``. Callers import ``attention`` from
+the torch path itself); on CPU a chunk over its sequence's whole prefix goes to the C++ kernel where it is
+faster (``prefill``), everything else runs ``attention_torch``. Callers import ``attention`` from
 ``csps.kernels`` and never choose a backend themselves.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from csps.kernels.attention_torch import attention_torch
+from csps.kernels.prefill import prefill_attention, uses_prefill_kernel
 
 
 def attention(
@@ -29,5 +31,7 @@ def attention(
         from csps.kernels.cuda_attention import flash_prefill
 
         return flash_prefill(q, k, v, q_pos, k_pos, q.shape[-1] ** -0.5 if scale is None else scale, sliding_window)
+    if uses_prefill_kernel(q, k, q_pos, k_pos, sliding_window):
+        return prefill_attention(q, k, v, int(q_pos[0]), q.shape[-1] ** -0.5 if scale is None else scale)
     return attention_torch(q, k, v, q_pos, k_pos, scale, sliding_window)
 

@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger("csps.kernels")
 
-SOURCES = ("paged_decode.cpp", "pointwise.cpp", "small_gemm.cpp", "threads.cpp")
+SOURCES = ("paged_decode.cpp", "pointwise.cpp", "prefill_attention.cpp", "small_gemm.cpp", "threads.cpp")
 HEADERS = ("vec.h",)  # included by the sources: part of the build key
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math")  # no FP traps: float->int casts vectorize

@@ -25,27 +25,6 @@
 
 namespace {
 
-// exp(x) for x <= 0 (scores minus their maximum), kLanes at a time: exp(x) = 2^n · exp(r), |r| <= ln2/2,
-// exp(r) by Cephes' degree-6 polynomial (relative error ~2e-7); x below -87.3 gives ~1e-38, not 0.
-inline v8f exp8(v8f x) {
-  const v8f lo = v8f{} - 87.3f;
-  x = x < lo ? lo : x;
-  const v8f magic = v8f{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const v8f n = (x * 1.44269504088896341f + magic) - magic;
-  const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8f p = v8f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8f scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-
 // rows ahead of the one being read that are prefetched (blocks are scattered: the hardware prefetcher
 // cannot guess the next block)
 constexpr int64_t kPrefetchRows = 4;
