@@ -53,9 +53,15 @@ def uses_prefill_kernel(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float, bf16_dot: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [Tq, Hq, D] at positions q_offset.., k/v: [Tk, Hkv, D] at 0..Tk-1 -> out [Tq, Hq, D] (q's dtype),
-    lse [Tq, Hq] fp32."""
+    lse [Tq, Hq] fp32. ``bf16_dot``: for bf16 inputs, scores by the CPU's bf16 dot product (AVX512-BF16) where
+    it has one (``has_bf16_dot()``), else widened to fp32 first."""
     if not cpu_ext.available():
         raise RuntimeError(f"the C++ CPU kernels are unavailable: {cpu_ext.load()}")
-    return torch.ops.csps.prefill_attention(q, k, v, q_offset, scale)
+    return torch.ops.csps.prefill_attention(q, k, v, q_offset, scale, bf16_dot)
+
+
+def has_bf16_dot() -> bool:
+    """Whether the kernel was built with the bf16 dot-product scores (the CPU has AVX512-BF16)."""
+    return cpu_ext.available() and torch.ops.csps.prefill_attention_has_bf16_dot()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from csps.kernels import attention, attention_ref, cpu_ext
-from csps.kernels.prefill import is_prefix_causal, kernel_capable, prefill_attention, uses_prefill_kernel
+from csps.kernels.prefill import (has_bf16_dot, is_prefix_causal, kernel_capable, prefill_attention,
+                                  uses_prefill_kernel)
 
 
 def _case(tq, tk, hq, hkv, d, dtype, seed=0, strided=False):
@@ -35,17 +36,23 @@ def _ref(q, k, v, q_pos, k_pos, scale):
     (1, 70, 6, 2, 128),      # one query, the wider head
     (48, 200, 8, 1, 128),    # one KV head for all
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_matches_the_fp32_reference(tq, tk, hq, hkv, d, dtype):
+@pytest.mark.parametrize("dtype,bf16_dot", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_the_kernel_matches_the_fp32_reference(tq, tk, hq, hkv, d, dtype, bf16_dot):
     assert cpu_ext.load() is None, cpu_ext.load()
     q, k, v, q_pos, k_pos = _case(tq, tk, hq, hkv, d, dtype, strided=True)
     scale = d ** -0.5
-    out, lse = prefill_attention(q, k, v, int(q_pos[0]), scale)
+    out, lse = prefill_attention(q, k, v, int(q_pos[0]), scale, bf16_dot=bf16_dot)
     ref_out, ref_lse = _ref(q, k, v, q_pos, k_pos, scale)
     assert out.dtype == dtype and out.shape == (tq, hq, d) and lse.dtype == torch.float32
     tol = 2e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding (inputs are exact in both)
     torch.testing.assert_close(out.float(), ref_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_the_bf16_dot_product_is_built_where_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert has_bf16_dot() == ("avx512_bf16" in flags and "avx512f" in flags)
 
 
 def test_the_first_query_sees_one_key_and_the_output_is_its_value():

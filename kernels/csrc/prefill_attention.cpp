@@ -8,9 +8,11 @@
 //
 // Flash attention's loop, in fp32 whatever the storage: a work item is one KV head and two query tiles (tile t
 // and tile nt-1-t, so that every item carries the same causal work and the static split over threads is even).
-// A tile's rows are its kQTile positions times the query heads that share the KV head (GQA), pre-scaled by the
-// softmax scale; keys go in blocks of kKeyBlock. K is packed once per call, widened to fp32 and transposed block by
-// block ([Hkv][block][D][kKeyBlock], contiguous per block); V is read in place. Scores come from a register tile of
+// A tile's rows are its kQTile positions times the query heads that share the KV head (GQA); keys go in blocks of
+// kKeyBlock. K is packed once per call, transposed block by block ([Hkv][block][D][kKeyBlock], contiguous per
+// block): widened to fp32, or, for bf16 on CPUs with AVX512-BF16, kept in bf16 as pairs of d
+// ([Hkv][block][D/2][kKeyBlock][2]) for vdpbf16ps, which multiplies bf16 pairs exactly and sums them in fp32 at
+// twice the FMA's rate. V is read in place; P·V runs in fp32. Scores come from a register tile of
 // kRowsQK rows x 4 vectors of keys, the softmax is online (running max and sum per row), and P·V from a register
 // tile of rows x head_dim. Key blocks past a tile's last position are skipped; only the block(s) that straddle
 // the tile's positions are masked.
@@ -26,6 +28,13 @@
 #include <vector>
 
 #include "vec.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define CSPS_BF16_DOT 1
+#else
+#define CSPS_BF16_DOT 0
+#endif
 
 namespace {
 
@@ -59,6 +68,28 @@ inline void score_micro_tile(const float* qs, int64_t D, const float* kt, float*
     for (int c = 0; c < kKeyVecs; ++c) std::memcpy(s + r * kKeyBlock + c * kLanes, &acc[r][c], sizeof(v8f));
 }
 
+#if CSPS_BF16_DOT
+// the same from bf16: qs [rows][D] bf16, kt [D/2][kKeyBlock][2] bf16 (pairs of d side by side per key)
+inline void score_micro_tile_bf16(const uint16_t* qs, int64_t D, const uint16_t* kt, float* s) {
+  __m512 acc[kRowsQK][kKeyVecs];
+  for (int r = 0; r < kRowsQK; ++r)
+    for (int c = 0; c < kKeyVecs; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d2 = 0; d2 < D / 2; ++d2) {
+    __m512bh kv[kKeyVecs];
+    for (int c = 0; c < kKeyVecs; ++c)
+      kv[c] = (__m512bh)_mm512_loadu_si512(kt + (d2 * kKeyBlock + c * kLanes) * 2);
+    for (int r = 0; r < kRowsQK; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, qs + r * D + 2 * d2, sizeof(pair));
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < kKeyVecs; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qv, kv[c]);
+    }
+  }
+  for (int r = 0; r < kRowsQK; ++r)
+    for (int c = 0; c < kKeyVecs; ++c) _mm512_storeu_ps(s + r * kKeyBlock + c * kLanes, acc[r][c]);
+}
+#endif
+
 // o[r][:] = o[r][:] · alpha[r] + p[r][0:n] · v[0:n][:] for MR rows; C vectors per row (head_dim = C·kLanes);
 // v: key j's row of this head at v + j·v_stride
 template <int MR, int C, typename T>
@@ -78,11 +109,12 @@ inline void pv_micro_tile(const float* p, const float* alpha, const T* v, int64_
     for (int c = 0; c < C; ++c) std::memcpy(o + r * C * kLanes + c * kLanes, &acc[r][c], sizeof(v8f));
 }
 
-// the online softmax of one row's block of scores: keys at or past `visible` are masked; updates the running
-// max m and sum l, turns s into probabilities and returns the factor the row's output is rescaled by
-inline float softmax_block(float* s, int64_t visible, float& m, float& l) {
+// the online softmax of one row's block of raw scores (times `scale`): keys at or past `visible` are masked;
+// updates the running max m and sum l, turns s into probabilities and returns the factor the row's output is
+// rescaled by
+inline float softmax_block(float* s, float scale, int64_t visible, float& m, float& l) {
   v8f sv[kKeyVecs];
-  for (int c = 0; c < kKeyVecs; ++c) sv[c] = load8(s + c * kLanes);
+  for (int c = 0; c < kKeyVecs; ++c) sv[c] = load8(s + c * kLanes) * scale;
   const bool masked = visible < kKeyBlock;
   if (masked)
     for (int c = 0; c < kKeyVecs; ++c)
@@ -108,8 +140,9 @@ inline float softmax_block(float* s, int64_t visible, float& m, float& l) {
   return alpha;
 }
 
-template <int C, typename T>
-void run(const T* q, const float* kt, const T* v, const Problem& pb, T* out, float* lse) {
+// KT: the packed K's element (float, or uint16_t bf16 pairs for the vdpbf16ps scores)
+template <int C, typename T, typename KT>
+void run(const T* q, const KT* kt, const T* v, const Problem& pb, T* out, float* lse) {
   constexpr int64_t D = C * kLanes;
   constexpr int kRowsPV = std::max(1, kAccRegs / C);
   const int64_t G = pb.num_q_heads / pb.num_kv_heads;
@@ -118,7 +151,8 @@ void run(const T* q, const float* kt, const T* v, const Problem& pb, T* out, flo
   const int64_t num_tiles = (pb.tq + kQTile - 1) / kQTile;
   const int64_t pairs = (num_tiles + 1) / 2;
   at::parallel_for(0, pb.num_kv_heads * pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(rows_pad * D), o(rows_pad * D), s(rows_pad * kKeyBlock), m(rows_pad), l(rows_pad),
+    std::vector<KT> qs(rows_pad * D);  // the tile's queries, unscaled, in K's packed type
+    std::vector<float> o(rows_pad * D), s(rows_pad * kKeyBlock), m(rows_pad), l(rows_pad),
         alpha(rows_pad);
     const int64_t num_blocks = (pb.tk + kKeyBlock - 1) / kKeyBlock;
     for (int64_t item = begin; item < end; ++item) {
@@ -127,14 +161,19 @@ void run(const T* q, const float* kt, const T* v, const Problem& pb, T* out, flo
       for (int t = 0; t < (tiles[1] > tiles[0] ? 2 : 1); ++t) {  // the middle tile of an odd count: once
         const int64_t tile = tiles[t];
         const int64_t i0 = tile * kQTile, ni = std::min(kQTile, pb.tq - i0), rows = ni * G;
-        // rows r = i·G + g: query i0 + i, query head h·G + g, pre-scaled
-        std::fill(qs.begin(), qs.end(), 0.f);
+        // rows r = i·G + g: query i0 + i, query head h·G + g
+        std::fill(qs.begin(), qs.end(), KT{});
         for (int64_t i = 0; i < ni; ++i)
           for (int64_t g = 0; g < G; ++g) {
             const T* src = q + (i0 + i) * pb.q_token_stride + (h * G + g) * pb.q_head_stride;
-            for (int64_t c = 0; c < C; ++c) {
-              const v8f x = load8(src + c * kLanes) * pb.scale;
-              std::memcpy(&qs[(i * G + g) * D + c * kLanes], &x, sizeof(v8f));
+            KT* dst = &qs[(i * G + g) * D];
+            if constexpr (sizeof(KT) == sizeof(T)) {
+              std::memcpy(dst, src, D * sizeof(T));
+            } else {
+              for (int64_t c = 0; c < C; ++c) {
+                const v8f x = load8(src + c * kLanes);
+                std::memcpy(dst + c * kLanes, &x, sizeof(v8f));
+              }
             }
           }
         std::fill(o.begin(), o.end(), 0.f);
@@ -144,12 +183,20 @@ void run(const T* q, const float* kt, const T* v, const Problem& pb, T* out, flo
         const int64_t num_keys = std::min(pb.tk, last_pos + 1);
         for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyBlock) {
           const int64_t nj = std::min(kKeyBlock, num_keys - j0);
-          const float* ktb = kt + (h * num_blocks + j0 / kKeyBlock) * D * kKeyBlock;  // [D][kKeyBlock]
-          for (int64_t r = 0; r < rows; r += kRowsQK) score_micro_tile(&qs[r * D], D, ktb, &s[r * kKeyBlock]);
+          const KT* ktb = kt + (h * num_blocks + j0 / kKeyBlock) * D * kKeyBlock;  // one block of packed K
+          for (int64_t r = 0; r < rows; r += kRowsQK) {
+#if CSPS_BF16_DOT
+            if constexpr (sizeof(KT) == 2) {
+              score_micro_tile_bf16(&qs[r * D], D, ktb, &s[r * kKeyBlock]);
+              continue;
+            }
+#endif
+            if constexpr (sizeof(KT) == 4) score_micro_tile(&qs[r * D], D, ktb, &s[r * kKeyBlock]);
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t pos = pb.q_offset + i0 + r / G;
             const int64_t visible = std::min(nj, pos - j0 + 1);  // >= 1: key 0 .. pos are visible
-            alpha[r] = softmax_block(&s[r * kKeyBlock], visible, m[r], l[r]);
+            alpha[r] = softmax_block(&s[r * kKeyBlock], pb.scale, visible, m[r], l[r]);
           }
           for (int64_t r = 0; r < rows; r += kRowsPV)
             pv_micro_tile<kRowsPV, C>(&s[r * kKeyBlock], &alpha[r], v + j0 * pb.v_token_stride + h * pb.v_head_stride,
@@ -170,8 +217,8 @@ void run(const T* q, const float* kt, const T* v, const Problem& pb, T* out, flo
   });
 }
 
-template <typename T>
-void dispatch_head_dim(const T* q, const float* kt, const T* v, const Problem& pb, T* out, float* lse) {
+template <typename T, typename KT>
+void dispatch_head_dim(const T* q, const KT* kt, const T* v, const Problem& pb, T* out, float* lse) {
   switch (pb.head_dim) {
     case 64: return run<64 / kLanes>(q, kt, v, pb, out, lse);
     case 128: return run<128 / kLanes>(q, kt, v, pb, out, lse);
@@ -180,10 +227,10 @@ void dispatch_head_dim(const T* q, const float* kt, const T* v, const Problem& p
 }
 
 std::tuple<at::Tensor, at::Tensor> prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     int64_t q_offset, double scale) {
+                                                     int64_t q_offset, double scale, bool bf16_dot) {
   // q: [Tq, Hq, D], k/v: [Tk, Hkv, D] (fp32 or bf16, last dim contiguous; any token/head strides);
   // query i at position q_offset + i sees keys 0 .. q_offset + i. Returns out [Tq, Hq, D] (q's dtype) and
-  // lse [Tq, Hq] fp32.
+  // lse [Tq, Hq] fp32. bf16_dot: bf16 scores by vdpbf16ps where the CPU has it (else ignored).
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prefill_attention: q [Tq, Hq, D], k/v [Tk, Hkv, D]");
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(2) == k.size(2), "prefill_attention: shapes differ");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
@@ -197,28 +244,41 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention(const at::Tensor& q, const 
   auto lse = at::empty({pb.tq, pb.num_q_heads}, q.options().dtype(at::kFloat));
   TORCH_CHECK(pb.head_dim == 64 || pb.head_dim == 128, "prefill_attention: head_dim must be 64 or 128");
   if (pb.tq == 0) return {out, lse};
-  // K in fp32, [Hkv][block][D][kKeyBlock]: one block's keys side by side for each d (zeros past Tk)
+  // K per block with one block's keys side by side for each d (zeros past Tk)
   const int64_t num_blocks = (pb.tk + kKeyBlock - 1) / kKeyBlock;
-  const auto kt = at::constant_pad_nd(k.to(at::kFloat), {0, 0, 0, 0, 0, num_blocks * kKeyBlock - pb.tk}, 0)
-                      .view({num_blocks, kKeyBlock, pb.num_kv_heads, pb.head_dim})
-                      .permute({2, 0, 3, 1})
-                      .contiguous();
+  auto blocks = [&](const at::Tensor& x) {
+    return at::constant_pad_nd(x, {0, 0, 0, 0, 0, num_blocks * kKeyBlock - pb.tk}, 0)
+        .view({num_blocks, kKeyBlock, pb.num_kv_heads, pb.head_dim});
+  };
+  auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
   if (q.scalar_type() == at::kFloat) {
-    dispatch_head_dim<float>(q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(), pb,
-                             out.data_ptr<float>(), lse.data_ptr<float>());
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prefill_attention: float32 or bfloat16");
-    auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-    dispatch_head_dim<uint16_t>(u16(q), kt.data_ptr<float>(), u16(v), pb, reinterpret_cast<uint16_t*>(out.data_ptr()),
-                                lse.data_ptr<float>());
+    const auto kt = blocks(k).permute({2, 0, 3, 1}).contiguous();  // [Hkv][block][D][kKeyBlock]
+    dispatch_head_dim<float, float>(q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(), pb,
+                                    out.data_ptr<float>(), lse.data_ptr<float>());
+    return {out, lse};
   }
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prefill_attention: float32 or bfloat16");
+  uint16_t* o16 = reinterpret_cast<uint16_t*>(out.data_ptr());
+#if CSPS_BF16_DOT
+  if (bf16_dot) {  // [Hkv][block][D/2][kKeyBlock][2], bf16
+    const auto kt = blocks(k).view({num_blocks, kKeyBlock, pb.num_kv_heads, pb.head_dim / 2, 2})
+                        .permute({2, 0, 3, 1, 4}).contiguous();
+    dispatch_head_dim<uint16_t, uint16_t>(u16(q), u16(kt), u16(v), pb, o16, lse.data_ptr<float>());
+    return {out, lse};
+  }
+#endif
+  const auto kt = blocks(k.to(at::kFloat)).permute({2, 0, 3, 1}).contiguous();
+  dispatch_head_dim<uint16_t, float>(u16(q), kt.data_ptr<float>(), u16(v), pb, o16, lse.data_ptr<float>());
   return {out, lse};
 }
 
 }  // namespace
 
+bool has_bf16_dot() { return CSPS_BF16_DOT; }
+
 TORCH_LIBRARY_FRAGMENT(csps, m) {
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int q_offset, float scale) -> (Tensor, Tensor)");
+  m.def("prefill_attention_has_bf16_dot() -> bool", &has_bf16_dot);
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int q_offset, float scale, bool bf16_dot=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(csps, CPU, m) { m.impl("prefill_attention", &prefill_attention); }
