@@ -44,6 +44,21 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
+def cpu_vendor() -> str:
+    """'AMD', 'Intel' or '' (unknown): MKL's and oneDNN's small-matrix paths differ by vendor, so some of the
+    kernels' dispatch thresholds do too (``kernels/linear.py``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    v = line.split(":", 1)[1].strip()
+                    return {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(v, "")
+    except OSError:
+        pass
+    return ""
+
+
 def build_key() -> str:
     """What a build depends on: the sources, the flags, torch, Python and this CPU's features."""
     h = hashlib.sha256()

@@ -7,6 +7,7 @@ A step's linear layers multiply its T new tokens by every weight matrix, so thei
     fraction of it for so few rows on AMD Zen 3 (AVX2, fp32: 1 row 18 vs 27 ms, 8 rows 36 vs 73 ms, 24 rows
     75 vs 89 ms); on AVX-512 Intel CPUs only bf16 weights for 1-2 rows (``MAX_KERNEL_ROWS``);
   * CPU, up to a few hundred rows on AVX2: (W @ xᵀ)ᵀ, W as MKL's left operand (25% faster at 32 rows than x @ Wᵀ);
+    on Intel AVX-512 up to 16 rows; never on AMD AVX-512 (Zen 5, bf16: 8 rows 18.8 vs 11.0 ms for F.linear);
   * CPU prefill chunks and CUDA: ``F.linear`` (cuBLAS takes either operand order at the same speed).
 ``F.linear`` is the plain-torch twin every path is tested against.
 """
@@ -26,9 +27,11 @@ from csps.kernels import cpu_ext
 # kernel 25 ms, MKL 22.5 ms), and bf16 ones only for 1-2 rows slower than the kernel (1 row: 19.0 vs 23.8 ms)
 MAX_KERNEL_ROWS = {"AVX2": {torch.float32: 32, torch.bfloat16: 4},
                    "AVX512": {torch.float32: 0, torch.bfloat16: 2}}
-# the most rows computed as (W @ x^T)^T, W as MKL's left operand (25% faster at 32 rows on AVX2); on AVX-512 F.linear
-# is as fast from ~24 rows (bf16, 30 layers: 8 rows 18 vs 22 ms, 32 rows 26 vs 24 ms, 128 rows 62 vs 51 ms)
-MAX_LEFT_W_ROWS = {"AVX2": 256, "AVX512": 16}
+# the most rows computed as (W @ x^T)^T, W as MKL's left operand (25% faster at 32 rows on AVX2); on Intel AVX-512
+# F.linear is as fast from ~24 rows (bf16, 30 layers: 8 rows 18 vs 22 ms, 32 rows 26 vs 24 ms, 128 rows 62 vs 51 ms);
+# on AMD AVX-512 (Zen 5, bf16) F.linear wins from 4 rows: 4/8/16 rows 10.0/11.0/13.2 ms vs 18.6/18.8/20.8 ms.
+# Keys: torch's CPU capability, or (capability, vendor) where the vendors differ.
+MAX_LEFT_W_ROWS = {"AVX2": 256, "AVX512": 16, ("AVX512", "AMD"): 0}
 
 
 @functools.cache
@@ -39,10 +42,11 @@ def max_kernel_rows(dtype: torch.dtype, capability: str | None = None) -> int:
 
 
 @functools.cache
-def max_left_w_rows(capability: str | None = None) -> int:
-    """The most rows ``linear`` computes as (W @ x^T)^T on this CPU."""
+def max_left_w_rows(capability: str | None = None, vendor: str | None = None) -> int:
+    """The most rows ``linear`` computes as (W @ x^T)^T on this CPU (``vendor``: 'AMD', 'Intel' or '')."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    return MAX_LEFT_W_ROWS.get(capability, MAX_LEFT_W_ROWS["AVX2"])
+    vendor = cpu_ext.cpu_vendor() if vendor is None else vendor
+    return MAX_LEFT_W_ROWS.get((capability, vendor), MAX_LEFT_W_ROWS.get(capability, MAX_LEFT_W_ROWS["AVX2"]))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

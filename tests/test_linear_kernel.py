@@ -59,4 +59,13 @@ def test_kernel_rows_follow_the_cpu_capability():
     assert max_kernel_rows(torch.float32, "AVX512") == 0
     assert max_kernel_rows(torch.float32, "DEFAULT") == MAX_KERNEL_ROWS["AVX2"][torch.float32]  # unknown: AVX2's
     assert max_kernel_rows(torch.float16, "AVX2") == 0  # a dtype the kernel lacks never reaches it
-    assert max_left_w_rows("AVX2") == 256 and max_left_w_rows("AVX512") == 16 and max_left_w_rows("DEFAULT") == 256
+    assert max_left_w_rows("AVX2", "AMD") == 256 and max_left_w_rows("AVX512", "Intel") == 16
+    assert max_left_w_rows("AVX512", "AMD") == 0 and max_left_w_rows("DEFAULT", "") == 256
+
+
+def test_the_cpu_vendor_comes_from_cpuinfo():
+    from csps.kernels import cpu_ext
+
+    with open("/proc/cpuinfo") as f:
+        vendor_id = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    assert cpu_ext.cpu_vendor() == {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(vendor_id, "")
