@@ -69,6 +69,20 @@ def test_paged_decode_matches_reference(impl, dtype, head_map, window):
     assert (lse - rl).abs().max() <= 2e-5
 
 
+@pytest.mark.parametrize("d,head_map", [(64, None), (128, [0, 0, 0, 1, 1, 1, 2, 2, 2])])
+def test_bf16_queries_over_a_bf16_cache_at_real_head_sizes(d, head_map):
+    # the kernel's bf16 dot-product scores (on CPUs with AVX512-BF16): bf16 products are exact, so the scores
+    # match the fp32 reference of the same bf16 values; lengths around its 16-key chunks and 512-key partitions
+    lens = [1, 15, 16, 17, 33, 600]
+    hq, hkv = (6, 2) if head_map is None else (9, 3)
+    q, kc, vc, tables, rows, kv_lens, per_seq = _case(lens, hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16, seed=3)
+    heads = HeadGroups.of(hq, hkv, head_map)
+    out, lse = paged_decode(q.bfloat16(), kc, vc, tables, rows, kv_lens, max(lens), heads, d ** -0.5)
+    ro, rl = _reference(q.bfloat16().float(), kc, vc, per_seq, kv_lens, heads, d ** -0.5)
+    assert (lse - rl).abs().max() <= 2e-5
+    assert (out.float() - ro).abs().max() <= 1e-2  # the output's bf16 rounding
+
+
 def test_paged_decode_bf16_queries_and_empty_batch():
     q, kc, vc, tables, rows, kv_lens, per_seq = _case([5, 90], dtype=torch.bfloat16)
     heads = HeadGroups.of(6, 2)

@@ -23,11 +23,23 @@
 
 #include "vec.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define CSPS_CHUNKED_SCORES 1  // scores 16 keys at a time, one transposing lane sum per 16 (below)
+#else
+#define CSPS_CHUNKED_SCORES 0
+#endif
+#if CSPS_CHUNKED_SCORES && defined(__AVX512BF16__)
+#define CSPS_DECODE_BF16_DOT 1  // bf16 q x bf16 K by vdpbf16ps: exact products, fp32 sums, half the instructions
+#else
+#define CSPS_DECODE_BF16_DOT 0
+#endif
+
 namespace {
 
 // rows ahead of the one being read that are prefetched (blocks are scattered: the hardware prefetcher
 // cannot guess the next block)
-constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kPrefetchRows = 32;
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 1);
@@ -80,6 +92,52 @@ inline void accumulate_heads(int G, const float* p, int64_t p_stride, const T* v
   }
 }
 
+#if CSPS_CHUNKED_SCORES
+// lane i of the result = the sum of the 16 lanes of a[i]: 16 dot products' partial sums reduced at once in 4 levels
+// of (two shuffles + an add), ~3 instructions a key instead of a tree per key
+inline v8f sum16(const v8f* a) {
+  v8f z[8], w[4], u[2];
+  for (int i = 0; i < 8; ++i)  // 16 partials -> 8: keys 2i, 2i+1
+    z[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // 8 -> 4: keys 4i .. 4i+3
+    w[i] = __builtin_shufflevector(z[2 * i], z[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(z[2 * i], z[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // 4 -> 2: keys 8i .. 8i+7
+    u[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(u[0], u[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(u[0], u[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// partial dot products (16 lanes each, summed later by sum16) of G query heads with one key row:
+// out[g · 16] for g < G; fp32 q (pre-scaled) against a row widened to fp32
+template <typename T>
+inline void partial_scores(const v8f* qv, int64_t G, const T* krow, int64_t C, v8f* out) {
+  v8f k[8];  // C <= 8 (head_dim <= 128)
+  for (int64_t c = 0; c < C; ++c) k[c] = load8(krow + kLanes * c);
+  for (int64_t g = 0; g < G; ++g) {
+    v8f acc = qv[g * C] * k[0];
+    for (int64_t c = 1; c < C; ++c) acc += qv[g * C + c] * k[c];
+    out[g * kLanes] = acc;
+  }
+}
+
+#if CSPS_DECODE_BF16_DOT
+// the same from bf16 q (unscaled, qb [G][D]) and a bf16 row, 32 values per vdpbf16ps
+inline void partial_scores_bf16(const uint16_t* qb, int64_t G, const uint16_t* krow, int64_t D, v8f* out) {
+  __m512bh k[4];  // D <= 128
+  for (int64_t c = 0; c < D / 32; ++c) k[c] = (__m512bh)_mm512_loadu_si512(krow + 32 * c);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D / 32; ++c)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c), k[c]);
+    out[g * kLanes] = (v8f)acc;
+  }
+}
+#endif
+#endif
+
 // softmax state of one partition: scores [slots][P] become exp(score - max) in place
 inline void softmax_rows(float* scores, int64_t num_slots, int64_t P, int64_t n, float* max_out, float* sum_out) {
   const int64_t n8 = n - n % kLanes;
@@ -106,7 +164,7 @@ inline void softmax_rows(float* scores, int64_t num_slots, int64_t P, int64_t n,
 template <typename T>
 void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const int64_t* rows,
          const int64_t* lens, const int64_t* kv_q_offsets, const int64_t* kv_q_index, const Shape& s, float scale,
-         int64_t window, int64_t partition_tokens, float* out, float* lse) {
+         int64_t window, int64_t partition_tokens, bool q_is_bf16, float* out, float* lse) {
   // Query heads are handled in "slots": slot j is query head kv_q_index[j], so the query heads of KV
   // head h are the slots [kv_q_offsets[h], kv_q_offsets[h + 1]). A work item is one partition of one
   // sequence's keys for every head: each cache row (all KV heads of a token) is read once, front to back.
@@ -136,6 +194,12 @@ void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const 
   at::parallel_for(0, num_parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<v8f> qv(static_cast<size_t>(Hq * C)), acc(static_cast<size_t>(Hq * C));
     std::vector<float> scores(static_cast<size_t>(Hq * P));
+#if CSPS_CHUNKED_SCORES
+    std::vector<v8f> partial(static_cast<size_t>(Hq * kLanes));
+    // bf16 q (exact: q was bf16) for vdpbf16ps over a bf16 cache; the scale is applied to the summed scores
+    const bool bf16_dot = CSPS_DECODE_BF16_DOT && sizeof(T) == 2 && q_is_bf16 && D % 32 == 0;
+    std::vector<uint16_t> qb(bf16_dot ? static_cast<size_t>(Hq * D) : 0);
+#endif
     for (int64_t part = begin; part < end; ++part) {
       const int64_t b = seq_of_part[part];
       const int64_t t0 = lo[b] + (part - first_part[b]) * P, t1 = std::min(lens[b], t0 + P), n = t1 - t0;
@@ -143,6 +207,10 @@ void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const 
       for (int64_t j = 0; j < Hq; ++j) {
         const float* qh = q + (b * Hq + kv_q_index[j]) * D;
         for (int64_t c = 0; c < C; ++c) qv[j * C + c] = load8(qh + kLanes * c) * scale;
+#if CSPS_CHUNKED_SCORES
+        if (bf16_dot)
+          for (int64_t d = 0; d < D; ++d) qb[j * D + d] = to_bf16(qh[d]);
+#endif
       }
       // the cache row of key t (all KV heads of the token), read in place
       // (block sizes are powers of two in practice: a shift and a mask instead of two 64-bit divisions per row)
@@ -150,6 +218,34 @@ void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const 
         const int64_t blk = bs_shift >= 0 ? t >> bs_shift : t / BS, off = bs_shift >= 0 ? t & (BS - 1) : t % BS;
         return cache + (static_cast<int64_t>(table[blk]) * BS + off) * row_stride;
       };
+#if CSPS_CHUNKED_SCORES
+      for (int64_t tc = t0; tc < t1; tc += kLanes) {  // scores, 16 keys at a time
+        const int64_t nc = std::min<int64_t>(kLanes, t1 - tc);
+        for (int64_t i = 0; i < nc; ++i) {
+          const int64_t t = tc + i;
+          const T* krow = row(kc, t);
+          if (t + kPrefetchRows < t1) prefetch_row(row(kc, t + kPrefetchRows), row_bytes);
+          for (int64_t h = 0; h < Hkv; ++h) {
+            const int64_t j = kv_q_offsets[h], G = kv_q_offsets[h + 1] - j;
+#if CSPS_DECODE_BF16_DOT
+            if constexpr (sizeof(T) == 2) {
+              if (bf16_dot) {
+                partial_scores_bf16(qb.data() + j * D, G, krow + h * D, D, partial.data() + j * kLanes + i);
+                continue;
+              }
+            }
+#endif
+            partial_scores(qv.data() + j * C, G, krow + h * D, C, partial.data() + j * kLanes + i);
+          }
+        }
+        for (int64_t j = 0; j < Hq; ++j) {
+          for (int64_t i = nc; i < kLanes; ++i) partial[j * kLanes + i] = v8f{};
+          v8f sc = sum16(partial.data() + j * kLanes);
+          if (bf16_dot) sc *= scale;
+          std::memcpy(scores.data() + j * P + (tc - t0), &sc, nc * sizeof(float));
+        }
+      }
+#else
       for (int64_t t = t0; t < t1; ++t) {  // scores
         const T* krow = row(kc, t);
         if (t + kPrefetchRows < t1) prefetch_row(row(kc, t + kPrefetchRows), row_bytes);
@@ -158,6 +254,7 @@ void run(const float* q, const T* kc, const T* vc, const int32_t* tables, const 
             score_heads(static_cast<int>(std::min<int64_t>(kGroup, kv_q_offsets[h + 1] - j)), qv.data() + j * C,
                         krow + h * D, C, scores.data() + j * P + (t - t0), P);
       }
+#endif
       softmax_rows(scores.data(), Hq, P, n, part_max.data() + part * Hq, part_sum.data() + part * Hq);
       std::fill(acc.begin(), acc.end(), v8f{});
       for (int64_t t = t0; t < t1; ++t) {
@@ -225,7 +322,8 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   const auto index = kv_q_index.contiguous();
   Shape s{q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
   TORCH_CHECK(k_cache.size(3) == s.head_dim, "paged_decode: head_dim differs between q and the cache");
-  TORCH_CHECK(s.head_dim % kLanes == 0, "paged_decode: head_dim must be a multiple of ", kLanes);
+  TORCH_CHECK(s.head_dim % kLanes == 0 && s.head_dim <= 128, "paged_decode: head_dim must be a multiple of ",
+              kLanes, " up to 128");
   TORCH_CHECK(rows.size(0) == s.batch && lens.size(0) == s.batch, "paged_decode: one row and length per query");
   TORCH_CHECK(offs.size(0) == s.num_kv_heads + 1 && index.size(0) == s.num_q_heads, "paged_decode: bad head map");
   const int64_t* rp = rows.data_ptr<int64_t>();
@@ -240,13 +338,13 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   if (k_cache.scalar_type() == at::kFloat) {
     run<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                tables.data_ptr<int32_t>(), rp, lp, offs.data_ptr<int64_t>(), index.data_ptr<int64_t>(), s, sc,
-               window, partition_tokens, out.data_ptr<float>(), lse.data_ptr<float>());
+               window, partition_tokens, false, out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
     TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16, "paged_decode: cache must be float32 or bfloat16");
     run<uint16_t>(qf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
                   reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), tables.data_ptr<int32_t>(), rp, lp,
                   offs.data_ptr<int64_t>(), index.data_ptr<int64_t>(), s, sc, window, partition_tokens,
-                  out.data_ptr<float>(), lse.data_ptr<float>());
+                  q.scalar_type() == at::kBFloat16, out.data_ptr<float>(), lse.data_ptr<float>());
   }
   return {out, lse};
 }
