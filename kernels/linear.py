@@ -5,7 +5,9 @@ A step's linear layers multiply its T new tokens by every weight matrix, so thei
   * CPU, few rows (decode steps): ``torch.ops.csps.linear_rows``, the C++ kernel that streams W once at the
     memory's bandwidth and dots each W row with every row of x; MKL's GEMM paths read the weights at a
     fraction of it for so few rows on AMD Zen 3 (AVX2, fp32: 1 row 18 vs 27 ms, 8 rows 36 vs 73 ms, 24 rows
-    75 vs 89 ms); on AVX-512 Intel CPUs only bf16 weights for 1-2 rows (``MAX_KERNEL_ROWS``);
+    75 vs 89 ms); on AVX-512 Intel CPUs only bf16 weights for 1-2 rows, on AMD AVX-512 ones up to 8 (bf16 products
+    by vdpbf16ps where the CPU has AVX512-BF16; Zen 5, 30 layers: 1/4/8 rows 7.8/9.2/10.4 vs 13.4/10.0/10.8 ms)
+    (``MAX_KERNEL_ROWS``);
   * CPU, up to a few hundred rows on AVX2: (W @ xᵀ)ᵀ, W as MKL's left operand (25% faster at 32 rows than x @ Wᵀ);
     on Intel AVX-512 up to 16 rows; never on AMD AVX-512 (Zen 5, bf16: 8 rows 18.8 vs 11.0 ms for F.linear);
   * CPU prefill chunks and CUDA: ``F.linear`` (cuBLAS takes either operand order at the same speed).
@@ -26,7 +28,8 @@ from csps.kernels import cpu_ext
 # rows; on AVX-512 (Intel Sapphire Rapids) MKL/oneDNN read fp32 weights at the memory's bandwidth already (1 row:
 # kernel 25 ms, MKL 22.5 ms), and bf16 ones only for 1-2 rows slower than the kernel (1 row: 19.0 vs 23.8 ms)
 MAX_KERNEL_ROWS = {"AVX2": {torch.float32: 32, torch.bfloat16: 4},
-                   "AVX512": {torch.float32: 0, torch.bfloat16: 2}}
+                   "AVX512": {torch.float32: 0, torch.bfloat16: 2},
+                   ("AVX512", "AMD"): {torch.float32: 0, torch.bfloat16: 8}}
 # the most rows computed as (W @ x^T)^T, W as MKL's left operand (25% faster at 32 rows on AVX2); on Intel AVX-512
 # F.linear is as fast from ~24 rows (bf16, 30 layers: 8 rows 18 vs 22 ms, 32 rows 26 vs 24 ms, 128 rows 62 vs 51 ms);
 # on AMD AVX-512 (Zen 5, bf16) F.linear wins from 4 rows: 4/8/16 rows 10.0/11.0/13.2 ms vs 18.6/18.8/20.8 ms.
@@ -35,10 +38,13 @@ MAX_LEFT_W_ROWS = {"AVX2": 256, "AVX512": 16, ("AVX512", "AMD"): 0}
 
 
 @functools.cache
-def max_kernel_rows(dtype: torch.dtype, capability: str | None = None) -> int:
-    """The most rows ``linear`` sends to the C++ kernel on this CPU (``capability``: torch's, e.g. 'AVX2')."""
+def max_kernel_rows(dtype: torch.dtype, capability: str | None = None, vendor: str | None = None) -> int:
+    """The most rows ``linear`` sends to the C++ kernel on this CPU (``capability``: torch's, e.g. 'AVX2';
+    ``vendor``: 'AMD', 'Intel' or '')."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    return MAX_KERNEL_ROWS.get(capability, MAX_KERNEL_ROWS["AVX2"]).get(dtype, 0)
+    vendor = cpu_ext.cpu_vendor() if vendor is None else vendor
+    table = MAX_KERNEL_ROWS.get((capability, vendor), MAX_KERNEL_ROWS.get(capability, MAX_KERNEL_ROWS["AVX2"]))
+    return table.get(dtype, 0)
 
 
 @functools.cache

@@ -55,7 +55,8 @@ def test_linear_dispatch_matches_f_linear_on_every_path(dtype):
 
 def test_kernel_rows_follow_the_cpu_capability():
     assert max_kernel_rows(torch.float32, "AVX2") == MAX_KERNEL_ROWS["AVX2"][torch.float32]
-    assert max_kernel_rows(torch.bfloat16, "AVX512") == MAX_KERNEL_ROWS["AVX512"][torch.bfloat16] == 2
+    assert max_kernel_rows(torch.bfloat16, "AVX512", "Intel") == MAX_KERNEL_ROWS["AVX512"][torch.bfloat16] == 2
+    assert max_kernel_rows(torch.bfloat16, "AVX512", "AMD") == 8
     assert max_kernel_rows(torch.float32, "AVX512") == 0
     assert max_kernel_rows(torch.float32, "DEFAULT") == MAX_KERNEL_ROWS["AVX2"][torch.float32]  # unknown: AVX2's
     assert max_kernel_rows(torch.float16, "AVX2") == 0  # a dtype the kernel lacks never reaches it

@@ -93,23 +93,6 @@ inline void accumulate_heads(int G, const float* p, int64_t p_stride, const T* v
 }
 
 #if CSPS_CHUNKED_SCORES
-// lane i of the result = the sum of the 16 lanes of a[i]: 16 dot products' partial sums reduced at once in 4 levels
-// of (two shuffles + an add), ~3 instructions a key instead of a tree per key
-inline v8f sum16(const v8f* a) {
-  v8f z[8], w[4], u[2];
-  for (int i = 0; i < 8; ++i)  // 16 partials -> 8: keys 2i, 2i+1
-    z[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int i = 0; i < 4; ++i)  // 8 -> 4: keys 4i .. 4i+3
-    w[i] = __builtin_shufflevector(z[2 * i], z[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(z[2 * i], z[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int i = 0; i < 2; ++i)  // 4 -> 2: keys 8i .. 8i+7
-    u[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(u[0], u[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(u[0], u[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
 // partial dot products (16 lanes each, summed later by sum16) of G query heads with one key row:
 // out[g · 16] for g < G; fp32 q (pre-scaled) against a row widened to fp32
 template <typename T>
