@@ -11,11 +11,13 @@
   decode  decode attention over the paged cache for a step (30 layers), batches 1/8/32 of 560 tokens in
           shuffled blocks: the C++ kernel (blocks read in place) vs its plain-torch twin (gather + attention)
   decode_long  the same at 8k context, batches 1/4/8
+  decode_layers  the C++ kernel alone for a batch-32 step at 560 tokens with 30 distinct layers' caches (as a
+          step reads them: ~410 MB of bf16 KV, not cache-resident), blocks consecutive and shuffled
   prefill attention of a prefill chunk over its sequence's prefix (SmolLM2's heads, 30 layers): the C++ kernel
           vs torch's CPU flash kernel (attention_torch), fp32 and bf16, fresh chunks and chunks on a cache
   step    the engine's decode-only step for SmolLM2 at batches 1/8/32 (512-token prompts)
 
-Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long prefill step]   (~6 min)
+Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long decode_layers prefill step]   (~6 min)
 """
 
 from __future__ import annotations
@@ -166,6 +168,33 @@ def bench_decode_long() -> dict:
     return _decode_kernel_vs_twin((1, 4, 8), ctx=8192)
 
 
+def bench_decode_layers(batch: int = 32, ctx: int = 560, bs: int = 16) -> dict:
+    """The paged decode kernel for one step of ``batch`` decodes at ``ctx`` tokens over 30 layers, each with its
+    own bf16 cache (a step's KV does not fit in the CPU's caches), best of 3 rounds of 5 steps."""
+    from csps.kernels.decode import HeadGroups, paged_decode
+
+    heads = HeadGroups.of(M.num_heads, M.num_kv_heads)
+    nblk = -(-ctx // bs)
+    shape = (batch * nblk + 1, bs, M.num_kv_heads, M.head_dim)
+    out = {"dtype": "bfloat16", "batch": batch, "ctx": ctx}
+    for layout in ("consecutive", "shuffled"):
+        kcs = [torch.randn(shape).bfloat16() for _ in range(M.num_layers)]
+        vcs = [torch.randn(shape).bfloat16() for _ in range(M.num_layers)]
+        ids = torch.arange(batch * nblk) if layout == "consecutive" else torch.randperm(batch * nblk)
+        tables = (ids + 1).view(batch, nblk).int()
+        q = torch.randn(batch, M.num_heads, M.head_dim).bfloat16()
+        rows, lens = torch.arange(batch), torch.full((batch,), ctx)
+
+        def step():
+            for layer in range(M.num_layers):
+                paged_decode(q, kcs[layer], vcs[layer], tables, rows, lens, ctx, heads, M.head_dim**-0.5)
+
+        best = min(ms(step, reps=5) for _ in range(3))
+        kv_bytes = 2 * M.num_layers * batch * ctx * M.num_kv_heads * M.head_dim * 2
+        out[layout] = {"ms_per_step": best, "kv_gb_s": kv_bytes / best / 1e6}
+    return out
+
+
 def bench_prefill() -> dict:
     """Attention of one prefill chunk (Tq queries at the end of Tk keys) for a step's 30 layers: the C++ kernel vs
     the plain-torch path it replaces (torch's CPU flash attention, split at the cache), alternating, 3 rounds,
@@ -214,7 +243,7 @@ def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
 
 
 PARTS = {"head": bench_head, "linear": bench_linear, "zigzag": bench_zigzag, "decode": bench_decode,
-         "decode_long": bench_decode_long, "prefill": bench_prefill,
+         "decode_long": bench_decode_long, "decode_layers": bench_decode_layers, "prefill": bench_prefill,
          "step": bench_step}
 
 
