@@ -12,7 +12,8 @@
 // kKeyBlock. K is packed once per call, transposed block by block ([Hkv][block][D][kKeyBlock], contiguous per
 // block): widened to fp32, or, for bf16 on CPUs with AVX512-BF16, kept in bf16 as pairs of d
 // ([Hkv][block][D/2][kKeyBlock][2]) for vdpbf16ps, which multiplies bf16 pairs exactly and sums them in fp32 at
-// twice the FMA's rate. V is read in place; P·V runs in fp32. Scores come from a register tile of
+// twice the FMA's rate; that path also runs P·V by vdpbf16ps, from probabilities rounded to bf16 (as GPU flash
+// attention does) and V packed as pairs of keys. Otherwise V is read in place and P·V runs in fp32. Scores come from a register tile of
 // kRowsQK rows x 4 vectors of keys, the softmax is online (running max and sum per row), and P·V from a register
 // tile of rows x head_dim. Key blocks past a tile's last position are skipped; only the block(s) that straddle
 // the tile's positions are masked.
@@ -90,6 +91,30 @@ inline void score_micro_tile_bf16(const uint16_t* qs, int64_t D, const uint16_t*
 }
 #endif
 
+#if CSPS_BF16_DOT
+// P·V from bf16 probabilities (p [rows][kKeyBlock], rounded from fp32) and V packed as pairs of keys
+// (vb [kKeyBlock/2][D][2] bf16): o[r][:] = o[r][:] · alpha[r] + Σ_j p[r][j] · v[j][:] over the first n keys
+template <int MR, int C>
+inline void pv_micro_tile_bf16(const uint16_t* p, const float* alpha, const uint16_t* vb, int64_t n, float* o) {
+  constexpr int64_t D = C * 16;
+  __m512 acc[MR][C];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o + r * D + c * 16), _mm512_set1_ps(alpha[r]));
+  for (int64_t j2 = 0; j2 < (n + 1) / 2; ++j2) {
+    __m512bh vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vb + (j2 * D + c * 16) * 2);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, p + r * kKeyBlock + 2 * j2, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, vv[c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + r * D + c * 16, acc[r][c]);
+}
+#endif
+
 // o[r][:] = o[r][:] · alpha[r] + p[r][0:n] · v[0:n][:] for MR rows; C vectors per row (head_dim = C·kLanes);
 // v: key j's row of this head at v + j·v_stride
 template <int MR, int C, typename T>
@@ -140,9 +165,10 @@ inline float softmax_block(float* s, float scale, int64_t visible, float& m, flo
   return alpha;
 }
 
-// KT: the packed K's element (float, or uint16_t bf16 pairs for the vdpbf16ps scores)
+// KT: the packed K's element (float, or uint16_t bf16 pairs for the vdpbf16ps scores); vp: V packed as pairs of
+// keys for the bf16 P·V ([Hkv][block][kKeyBlock/2][D][2]), with KT = uint16_t only
 template <int C, typename T, typename KT>
-void run(const T* q, const KT* kt, const T* v, const Problem& pb, T* out, float* lse) {
+void run(const T* q, const KT* kt, const T* v, const uint16_t* vp, const Problem& pb, T* out, float* lse) {
   constexpr int64_t D = C * kLanes;
   constexpr int kRowsPV = std::max(1, kAccRegs / C);
   const int64_t G = pb.num_q_heads / pb.num_kv_heads;
@@ -154,6 +180,7 @@ void run(const T* q, const KT* kt, const T* v, const Problem& pb, T* out, float*
     std::vector<KT> qs(rows_pad * D);  // the tile's queries, unscaled, in K's packed type
     std::vector<float> o(rows_pad * D), s(rows_pad * kKeyBlock), m(rows_pad), l(rows_pad),
         alpha(rows_pad);
+    std::vector<uint16_t> pbf(sizeof(KT) == 2 ? rows_pad * kKeyBlock : 0);  // bf16 probabilities for P·V
     const int64_t num_blocks = (pb.tk + kKeyBlock - 1) / kKeyBlock;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / pairs, pair = item % pairs;
@@ -198,6 +225,19 @@ void run(const T* q, const KT* kt, const T* v, const Problem& pb, T* out, float*
             const int64_t visible = std::min(nj, pos - j0 + 1);  // >= 1: key 0 .. pos are visible
             alpha[r] = softmax_block(&s[r * kKeyBlock], pb.scale, visible, m[r], l[r]);
           }
+#if CSPS_BF16_DOT
+          if constexpr (sizeof(KT) == 2) {
+            for (int64_t r = 0; r < rows; ++r)
+              for (int c = 0; c < kKeyVecs; c += 2)
+                _mm512_storeu_si512(&pbf[r * kKeyBlock + c * 16],
+                                    (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(&s[r * kKeyBlock + (c + 1) * 16]),
+                                                                 _mm512_loadu_ps(&s[r * kKeyBlock + c * 16])));
+            const uint16_t* vpb = vp + (h * num_blocks + j0 / kKeyBlock) * kKeyBlock * D;
+            for (int64_t r = 0; r < rows; r += kRowsPV)
+              pv_micro_tile_bf16<kRowsPV, C>(&pbf[r * kKeyBlock], &alpha[r], vpb, nj, &o[r * D]);
+            continue;
+          }
+#endif
           for (int64_t r = 0; r < rows; r += kRowsPV)
             pv_micro_tile<kRowsPV, C>(&s[r * kKeyBlock], &alpha[r], v + j0 * pb.v_token_stride + h * pb.v_head_stride,
                                       pb.v_token_stride, nj, &o[r * D]);
@@ -218,10 +258,11 @@ void run(const T* q, const KT* kt, const T* v, const Problem& pb, T* out, float*
 }
 
 template <typename T, typename KT>
-void dispatch_head_dim(const T* q, const KT* kt, const T* v, const Problem& pb, T* out, float* lse) {
+void dispatch_head_dim(const T* q, const KT* kt, const T* v, const uint16_t* vp, const Problem& pb, T* out,
+                       float* lse) {
   switch (pb.head_dim) {
-    case 64: return run<64 / kLanes>(q, kt, v, pb, out, lse);
-    case 128: return run<128 / kLanes>(q, kt, v, pb, out, lse);
+    case 64: return run<64 / kLanes>(q, kt, v, vp, pb, out, lse);
+    case 128: return run<128 / kLanes>(q, kt, v, vp, pb, out, lse);
     default: TORCH_CHECK(false, "prefill_attention: head_dim must be 64 or 128");
   }
 }
@@ -253,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention(const at::Tensor& q, const 
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
   if (q.scalar_type() == at::kFloat) {
     const auto kt = blocks(k).permute({2, 0, 3, 1}).contiguous();  // [Hkv][block][D][kKeyBlock]
-    dispatch_head_dim<float, float>(q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(), pb,
+    dispatch_head_dim<float, float>(q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(), nullptr, pb,
                                     out.data_ptr<float>(), lse.data_ptr<float>());
     return {out, lse};
   }
@@ -263,12 +304,15 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention(const at::Tensor& q, const 
   if (bf16_dot) {  // [Hkv][block][D/2][kKeyBlock][2], bf16
     const auto kt = blocks(k).view({num_blocks, kKeyBlock, pb.num_kv_heads, pb.head_dim / 2, 2})
                         .permute({2, 0, 3, 1, 4}).contiguous();
-    dispatch_head_dim<uint16_t, uint16_t>(u16(q), u16(kt), u16(v), pb, o16, lse.data_ptr<float>());
+    // V as pairs of keys per block: [Hkv][block][kKeyBlock/2][D][2]
+    const auto vp = blocks(v).view({num_blocks, kKeyBlock / 2, 2, pb.num_kv_heads, pb.head_dim})
+                        .permute({3, 0, 1, 4, 2}).contiguous();
+    dispatch_head_dim<uint16_t, uint16_t>(u16(q), u16(kt), u16(v), u16(vp), pb, o16, lse.data_ptr<float>());
     return {out, lse};
   }
 #endif
   const auto kt = blocks(k.to(at::kFloat)).permute({2, 0, 3, 1}).contiguous();
-  dispatch_head_dim<uint16_t, float>(u16(q), kt.data_ptr<float>(), u16(v), pb, o16, lse.data_ptr<float>());
+  dispatch_head_dim<uint16_t, float>(u16(q), kt.data_ptr<float>(), u16(v), nullptr, pb, o16, lse.data_ptr<float>());
   return {out, lse};
 }
 
