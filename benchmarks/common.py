@@ -22,7 +22,8 @@ def provenance() -> dict:
     from csps.perf.hardware import machine_info
 
     git = git_revision()
-    return {"git": (git["revision"] or "unknown")[:7], "git_dirty": git["dirty"], "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"git": (git["revision"] or "unknown")[:7], "git_dirty": git["dirty"], "uncommitted": git.get("uncommitted"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": machine_info(), "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -40,8 +41,9 @@ def median(xs) -> float:
 def save(name: str, data: dict) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
+    prov = provenance()  # before the file is opened: a truncated results file would mark the tree dirty
     with open(path, "w") as f:
-        json.dump({"provenance": provenance(), **data}, f, indent=1)
+        json.dump({"provenance": prov, **data}, f, indent=1)
     return path
 
 
