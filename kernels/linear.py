@@ -6,7 +6,7 @@ A step's linear layers multiply its T new tokens by every weight matrix, so thei
     memory's bandwidth and dots each W row with every row of x; MKL's GEMM paths read the weights at a
     fraction of it for so few rows on AMD Zen 3 (AVX2, fp32: 1 row 18 vs 27 ms, 8 rows 36 vs 73 ms, 24 rows
     75 vs 89 ms); on AVX-512 Intel CPUs only bf16 weights for 1-2 rows, on AMD AVX-512 ones up to 8 (bf16 products
-    by vdpbf16ps where the CPU has AVX512-BF16; Zen 5, 30 layers: 1/4/8 rows 7.8/9.2/10.4 vs 13.4/10.0/10.8 ms)
+    by vdpbf16ps where the CPU has AVX512-BF16; Zen 5, 30 layers: 1/4/8 rows 7.1/8.6/9.9 vs 11.7/12.3/13.8 ms)
     (``MAX_KERNEL_ROWS``);
   * CPU, up to a few hundred rows on AVX2: (W @ xᵀ)ᵀ, W as MKL's left operand (25% faster at 32 rows than x @ Wᵀ);
     on Intel AVX-512 up to 16 rows; never on AMD AVX-512 (Zen 5, bf16: 8 rows 18.8 vs 11.0 ms for F.linear);
