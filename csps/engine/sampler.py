@@ -5,9 +5,9 @@ Everything is a tensor operation over the batch ``[N, V]``; Python touches each 
 parameters (O(batch) per step, never O(context)). Penalties read each request's ``RequestSampler``:
 which tokens it has seen (prompt and output, for the repetition penalty) and how often it produced
 each (presence/frequency), built once from the prompt and then updated with each new token. Random
-rows draw exponential noise for one race over the batch (``argmax(p / E)``, ``E ~ Exp(1)``, picks
-token i with probability p_i) from the engine's generator; a request with a seed draws its row from
-its own generator, so its tokens do not depend on what else is in the batch (as vLLM does).
+rows draw by inverse CDF: one uniform number per row, found in the row's running sum of probabilities
+(picks token i with probability p_i), from the engine's generator; a request with a seed draws its number
+from its own generator, so its tokens do not depend on what else is in the batch (as vLLM does).
 The per-row rules, in plain torch, are in ``sampler_ref.py``: the oracle of this module.
 """
 
