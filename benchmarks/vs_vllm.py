@@ -161,6 +161,7 @@ def run_serve(engine: str, peer_py: str, model_dir: str, dtype: str, port: int, 
         with open(os.path.join(result_dir, "r.json")) as f:
             res = json.load(f)
         shutil.rmtree(result_dir, ignore_errors=True)
+        steps = engine_steps(httpx.get(url + "/metrics", timeout=30).text) if engine == "csps" else None
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -169,7 +170,26 @@ def run_serve(engine: str, peer_py: str, model_dir: str, dtype: str, port: int, 
             os.killpg(server.pid, signal.SIGKILL)
     out = {k: res[k] for k in SERVE_KEYS}
     out["completed"] = res.get("completed")
+    if steps is not None:  # how busy csps' engine was: its steps' durations against the run's
+        out["engine_steps"] = {**steps, "busy_fraction": steps["busy_s"] / res["duration"]}
     log(f"serve {engine}: " + ", ".join(f"{k} {out[k]:.2f}" for k in SERVE_KEYS))
+    return out
+
+
+def engine_steps(metrics_text: str) -> dict:
+    """csps' step count, summed step time and step-duration histogram (cumulative counts by upper bound in s)
+    from its Prometheus /metrics."""
+    out: dict = {"count": 0.0, "busy_s": 0.0, "le_s": {}}
+    for line in metrics_text.splitlines():
+        if not line.startswith("csps_engine_step_duration_seconds"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("csps_engine_step_duration_seconds_sum"):
+            out["busy_s"] = float(value)
+        elif name.startswith("csps_engine_step_duration_seconds_count"):
+            out["count"] = float(value)
+        elif name.startswith("csps_engine_step_duration_seconds_bucket"):
+            out["le_s"][name.split('le="', 1)[1].split('"', 1)[0]] = float(value)
     return out
 
 

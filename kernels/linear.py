@@ -37,22 +37,24 @@ MAX_KERNEL_ROWS = {"AVX2": {torch.float32: 32, torch.bfloat16: 4},
 MAX_LEFT_W_ROWS = {"AVX2": 256, "AVX512": 16, ("AVX512", "AMD"): 0}
 
 
+def _for_cpu(table: dict, capability: str | None, vendor: str | None):
+    """table's entry for (capability, vendor), else for the capability, else AVX2's (this CPU's by default)."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    vendor = cpu_ext.cpu_vendor() if vendor is None else vendor
+    return table.get((capability, vendor), table.get(capability, table["AVX2"]))
+
+
 @functools.cache
 def max_kernel_rows(dtype: torch.dtype, capability: str | None = None, vendor: str | None = None) -> int:
     """The most rows ``linear`` sends to the C++ kernel on this CPU (``capability``: torch's, e.g. 'AVX2';
     ``vendor``: 'AMD', 'Intel' or '')."""
-    capability = capability or torch.backends.cpu.get_cpu_capability()
-    vendor = cpu_ext.cpu_vendor() if vendor is None else vendor
-    table = MAX_KERNEL_ROWS.get((capability, vendor), MAX_KERNEL_ROWS.get(capability, MAX_KERNEL_ROWS["AVX2"]))
-    return table.get(dtype, 0)
+    return _for_cpu(MAX_KERNEL_ROWS, capability, vendor).get(dtype, 0)
 
 
 @functools.cache
 def max_left_w_rows(capability: str | None = None, vendor: str | None = None) -> int:
     """The most rows ``linear`` computes as (W @ x^T)^T on this CPU (``vendor``: 'AMD', 'Intel' or '')."""
-    capability = capability or torch.backends.cpu.get_cpu_capability()
-    vendor = cpu_ext.cpu_vendor() if vendor is None else vendor
-    return MAX_LEFT_W_ROWS.get((capability, vendor), MAX_LEFT_W_ROWS.get(capability, MAX_LEFT_W_ROWS["AVX2"]))
+    return _for_cpu(MAX_LEFT_W_ROWS, capability, vendor)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The chunk's queries sit at consecutive positions, its keys are the sequence's whole prefix 0..Tk-1 (the
 cached KV read in place, then the chunk's own), key j visible to query i iff j <= position(i): the case of
 every chunked prefill on a rank that holds the whole sequence. ``torch.ops.csps.prefill_attention``
-(``kernels/csrc/prefill_attention.cpp``) runs it as one flash-attention loop in fp32 over the keys in place;
+(``kernels/csrc/prefill_attention.cpp``) runs it as one flash-attention loop accumulating in fp32;
 torch's CPU flash kernel (``attention_torch``, the plain-torch twin and what every other case runs) reaches
 ~0.08 TFLOP/s on SmolLM2's 64-wide heads, where attention was ~45% of a 512-token chunk's time (AMD Zen 5,
 bf16, ``benchmarks/cpu_kernels.py prefill``).
@@ -18,8 +18,8 @@ import torch
 from csps.kernels import cpu_ext
 
 HEAD_DIMS = (64, 128)  # the head sizes the kernel is compiled for
-# torch CPU capabilities where the kernel beats torch's flash kernel (benchmarks/cpu_kernels.py prefill: 2-3.4x on
-# AMD Zen 5 with AVX-512). Built for AVX2 (-mno-avx512f on the same CPU, torch at ATEN_CPU_CAPABILITY=avx2) it
+# torch CPU capabilities where the kernel beats torch's flash kernel (benchmarks/cpu_kernels.py prefill: 2.0-3.2x in
+# fp32, 2.5-4.6x in bf16 on AMD Zen 5 with AVX-512). Built for AVX2 (-mno-avx512f on the same CPU, torch at ATEN_CPU_CAPABILITY=avx2) it
 # was 1.75x faster on a fresh 512 chunk but 0.98x (fp32) and 0.56x (bf16) on 1024 queries over 4k keys: its
 # AVX2 register tiles are small (3 and 1 rows), so AVX2 CPUs keep torch's kernel.
 CAPABILITIES = ("AVX512",)

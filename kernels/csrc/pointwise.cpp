@@ -15,11 +15,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec.h"
+
 namespace {
 
-// element access in fp32 for fp32 and bf16 (uint16_t bits) storage; plain bit operations so loops vectorize
-inline float to_f(float v) { return v; }
-inline float to_f(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+// the storage type's value of an fp32 (to_f / to_bf16 from vec.h)
 template <typename T>
 inline T from_f(float v);
 template <>
@@ -27,10 +27,8 @@ inline float from_f<float>(float v) {
   return v;
 }
 template <>
-inline uint16_t from_f<uint16_t>(float v) {  // round to nearest even, as torch's casts (finite values)
-  uint32_t u = __builtin_bit_cast(uint32_t, v);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+inline uint16_t from_f<uint16_t>(float v) {
+  return to_bf16(v);
 }
 // the value a tensor of dtype T holds after a cast: identity for fp32, one rounding for bf16
 template <typename T>

@@ -248,7 +248,7 @@ void run(const T* q, const KT* kt, const T* v, const uint16_t* vp, const Problem
           T* dst = out + (i * pb.num_q_heads + qh) * D;
           for (int64_t d = 0; d < D; ++d) {
             const float x = o[r * D + d] * inv;
-            if constexpr (sizeof(T) == 2) dst[d] = to_bf16(x); else dst[d] = x;
+            store_f(dst + d, x);
           }
           lse[i * pb.num_q_heads + qh] = m[r] + std::log(l[r]);
         }

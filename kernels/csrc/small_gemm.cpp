@@ -22,21 +22,6 @@
 
 namespace {
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline void store(float* p, float v) { *p = v; }
-inline void store(uint16_t* p, float v) {  // round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  u += 0x7fff + ((u >> 16) & 1);
-  *p = static_cast<uint16_t>(u >> 16);
-}
-
 // R rows of x (already fp32, [R][in]) against W rows [o0, o1), G W rows at a time: R·G independent accumulator
 // chains (one chain per W row stalls on the FMA latency: 1 row of x ran at half the memory's bandwidth)
 template <int R, int G, typename T>
@@ -63,9 +48,9 @@ void rows_block(const float* xf, const T* w, const T* bias, T* y, int64_t in, in
     for (int r = 0; r < R; ++r)
       for (int g = 0; g < G; ++g) {
         float s = hsum(acc[r][g]);
-        for (int64_t i = n8; i < in; ++i) s += xf[r * in + i] * to_float(wr[g][i]);
-        if (bias != nullptr) s += to_float(bias[o + g]);
-        store(y + r * out + o + g, s);
+        for (int64_t i = n8; i < in; ++i) s += xf[r * in + i] * to_f(wr[g][i]);
+        if (bias != nullptr) s += to_f(bias[o + g]);
+        store_f(y + r * out + o + g, s);
       }
   }
   if (o < o1) rows_block<R, 1>(xf, w, bias, y, in, out, o, o1);  // the tile's last W rows
@@ -116,9 +101,9 @@ void rows_block_bf16(int rows, const uint16_t* x, const uint16_t* w, const uint1
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < gw; ++g) {
         float s = sums[r * kDotW + g];
-        for (int64_t i = n32; i < in; ++i) s += to_float(xr[r][i]) * to_float(wr[g][i]);
-        if (bias != nullptr) s += to_float(bias[o + g]);
-        store(y + r * out + o + g, s);
+        for (int64_t i = n32; i < in; ++i) s += to_f(xr[r][i]) * to_f(wr[g][i]);
+        if (bias != nullptr) s += to_f(bias[o + g]);
+        store_f(y + r * out + o + g, s);
       }
   }
 }

@@ -88,10 +88,14 @@ inline v8f sum16(const v8f* a) {
 }
 #endif
 
-// one bfloat16 (its bits) from an fp32, rounded to nearest even as torch's casts round (finite values)
+// scalar element access for fp32 and bf16 (uint16_t bits) storage, plain bit operations so loops vectorize:
+// to_f widens, to_bf16 rounds to nearest even as torch's casts round (finite values), store_f stores either way
+inline float to_f(float v) { return v; }
+inline float to_f(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
 inline uint16_t to_bf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
+  uint32_t u = __builtin_bit_cast(uint32_t, v);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+inline void store_f(float* p, float v) { *p = v; }
+inline void store_f(uint16_t* p, float v) { *p = to_bf16(v); }
