@@ -88,7 +88,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             width = max(1, -(-max_kv_len // k_cache.shape[1]))
             return flash_decode_paged(q, k_cache, v_cache, block_tables[table_rows, :width], kv_lens, scale,
                                       sliding_window)
-    elif q.shape[-1] % 16 == 0 and cpu_ext.available():  # the kernel reads head_dim in 8- or 16-lane vectors
+    elif q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 and cpu_ext.available():  # 8-/16-lane vectors, <= 8 a row
         out, lse = torch.ops.csps.paged_decode(
             q, k_cache, v_cache, block_tables, table_rows, kv_lens, heads.offsets, heads.q_index, scale, sliding_window or 0, PARTITION_TOKENS)
         return out.to(q.dtype), lse

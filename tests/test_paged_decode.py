@@ -83,6 +83,15 @@ def test_bf16_queries_over_a_bf16_cache_at_real_head_sizes(d, head_map):
     assert (out.float() - ro).abs().max() <= 1e-2  # the output's bf16 rounding
 
 
+def test_head_dims_beyond_the_kernel_go_to_the_torch_twin():
+    # the kernel holds a key row in at most 8 vectors (head_dim <= 128); a 256-wide head must still decode
+    q, kc, vc, tables, rows, kv_lens, per_seq = _case([3, 40], d=256)
+    heads = HeadGroups.of(6, 2)
+    out, lse = paged_decode(q, kc, vc, tables, rows, kv_lens, 40, heads, 0.1)
+    ro, rl = _reference(q, kc, vc, per_seq, kv_lens, heads, 0.1)
+    assert (out - ro).abs().max() <= 2e-5 and (lse - rl).abs().max() <= 2e-5
+
+
 def test_paged_decode_bf16_queries_and_empty_batch():
     q, kc, vc, tables, rows, kv_lens, per_seq = _case([5, 90], dtype=torch.bfloat16)
     heads = HeadGroups.of(6, 2)
