@@ -15,14 +15,20 @@
           step reads them: ~410 MB of bf16 KV, not cache-resident), blocks consecutive and shuffled
   prefill attention of a prefill chunk over its sequence's prefix (SmolLM2's heads, 30 layers): the C++ kernel
           vs torch's CPU flash kernel (attention_torch), fp32 and bf16, fresh chunks and chunks on a cache
+  prefill_avx2  the same kernel built for AVX2 (-mno-avx512f) against torch's flash kernel at
+          ATEN_CPU_CAPABILITY=avx2, in a child process on this CPU: the check behind kernels/prefill.py's CAPABILITIES
+  sample  drawing one token per row of [rows, 49,152] probabilities: the exponential race (argmax p/E),
+          torch.multinomial, and csps' sampler (inverse CDF), 1/8/32 rows
   step    the engine's decode-only step for SmolLM2 at batches 1/8/32 (512-token prompts)
 
-Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long decode_layers prefill step]   (~6 min)
+Run: .venv/bin/python benchmarks/cpu_kernels.py [head linear zigzag decode decode_long decode_layers prefill
+     prefill_avx2 sample step]   (~6 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -220,6 +226,60 @@ def bench_prefill() -> dict:
     return out
 
 
+_AVX2_CHILD = r"""
+import json, os, sys, tempfile, time
+import torch
+from torch.utils import cpp_extension
+from csps.kernels import cpu_ext
+from csps.kernels.attention_torch import attention_torch
+d = tempfile.mkdtemp()
+cpp_extension.load(name="csps_cpu_kernels_avx2", sources=[os.path.join(cpu_ext.CSRC, s) for s in cpu_ext.SOURCES],
+                   extra_cflags=list(cpu_ext.CFLAGS) + ["-mno-avx512f"], extra_ldflags=["-fopenmp"],
+                   build_directory=d, is_python_module=False)
+def ms(fn, reps=3):
+    fn(); t = time.perf_counter()
+    for _ in range(reps): fn()
+    return (time.perf_counter() - t) / reps * 1e3
+out = {"torch_capability": torch.backends.cpu.get_cpu_capability()}
+for dtype in (torch.float32, torch.bfloat16):
+    for tq, tk in ((512, 512), (1024, 4096)):
+        q, k, v = (torch.randn(n, h, 64).to(dtype) for n, h in ((tq, 9), (tk, 3), (tk, 3)))
+        qp, kp = torch.arange(tk - tq, tk), torch.arange(tk)
+        kernel = min(ms(lambda: torch.ops.csps.prefill_attention(q, k, v, tk - tq, 0.125, True)) for _ in range(3))
+        twin = min(ms(lambda: attention_torch(q, k, v, qp, kp)) for _ in range(3))
+        out[f"{str(dtype)[6:]} {tq}x{tk}"] = {"kernel_ms": kernel, "torch_ms": twin, "torch_over_kernel": twin / kernel}
+print(json.dumps(out))
+"""
+
+
+def bench_prefill_avx2() -> dict:
+    """The prefill kernel as an AVX2 CPU would build it, against torch's AVX2 flash kernel, one layer (a child
+    process: torch's kernel choice is fixed at start by ATEN_CPU_CAPABILITY; the build goes to a temporary folder)."""
+    import subprocess
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", PYTHONSAFEPATH="1")
+    r = subprocess.run([sys.executable, "-c", _AVX2_CHILD], env=env, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_sample(vocab: int = 49152) -> dict:
+    """One token per row from softmax probabilities: an exponential race, torch.multinomial and csps' sampler
+    (temperature 1, no filters), each over the same logits."""
+    from csps.core.sampling_params import SamplingParams
+    from csps.engine.sampler import SampleRow, sample
+
+    out = {}
+    for rows in (1, 8, 32):
+        logits = torch.randn(rows, vocab) * 3
+        probs = torch.softmax(logits, -1)
+        params = [SampleRow(SamplingParams(temperature=1.0), [], []) for _ in range(rows)]
+        ways = {"exponential_race_ms": lambda: (probs / torch.empty_like(probs).exponential_()).argmax(-1),
+                "multinomial_ms": lambda: torch.multinomial(probs, 1),
+                "csps_sampler_ms": lambda: sample(logits.clone(), params)}
+        out[rows] = {k: min(ms(f, reps=10) for _ in range(3)) for k, f in ways.items()}
+    return out
+
+
 def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
     from csps import LLM, SamplingParams
 
@@ -244,6 +304,7 @@ def bench_step(prompt_len: int = 512, num_decode_steps: int = 24) -> dict:
 
 PARTS = {"head": bench_head, "linear": bench_linear, "zigzag": bench_zigzag, "decode": bench_decode,
          "decode_long": bench_decode_long, "decode_layers": bench_decode_layers, "prefill": bench_prefill,
+         "prefill_avx2": bench_prefill_avx2, "sample": bench_sample,
          "step": bench_step}
 
 

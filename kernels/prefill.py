@@ -19,9 +19,9 @@ from csps.kernels import cpu_ext
 
 HEAD_DIMS = (64, 128)  # the head sizes the kernel is compiled for
 # torch CPU capabilities where the kernel beats torch's flash kernel (benchmarks/cpu_kernels.py prefill: 2.0-3.2x in
-# fp32, 2.5-4.6x in bf16 on AMD Zen 5 with AVX-512). Built for AVX2 (-mno-avx512f on the same CPU, torch at ATEN_CPU_CAPABILITY=avx2) it
-# was 1.75x faster on a fresh 512 chunk but 0.98x (fp32) and 0.56x (bf16) on 1024 queries over 4k keys: its
-# AVX2 register tiles are small (3 and 1 rows), so AVX2 CPUs keep torch's kernel.
+# fp32, 2.5-4.6x in bf16 on AMD Zen 5 with AVX-512). Built for AVX2 (``cpu_kernels.py prefill_avx2``: -mno-avx512f on
+# the same CPU, torch at ATEN_CPU_CAPABILITY=avx2) it was 1.6x faster on a fresh 512 chunk but 0.96x (fp32) and 0.56x
+# (bf16) on 1024 queries over 4k keys: its AVX2 register tiles are small (3 and 1 rows), so AVX2 keeps torch's kernel.
 CAPABILITIES = ("AVX512",)
 
 

@@ -229,12 +229,12 @@ def _repo_dir() -> Path:
 
 
 def git_revision() -> dict:
-    def git(*args: str) -> str | None:
+    def git(*args: str) -> str | None:  # stdout without its last newline (porcelain lines start with a space)
         try:
             r = subprocess.run(["git", "-C", str(_repo_dir()), *args], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
-        return r.stdout.strip() if r.returncode == 0 else None
+        return r.stdout.rstrip("\n") if r.returncode == 0 else None
 
     rev = git("rev-parse", "HEAD")
     status = git("status", "--porcelain")

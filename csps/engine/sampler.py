@@ -119,20 +119,26 @@ def filter_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 
 def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Random rows: temperature, filters, then inverse-CDF sampling, one uniform number per row against the running
-    sum of its probabilities (fp64). An exponential race (one random number per vocabulary entry, what
-    ``torch.multinomial`` does too) took 27 ms a step at 32 rows x 49k tokens on 2 cores; this takes ~0.7 ms.
-    Token ids [n] int64; a token of probability 0 is never drawn."""
-    logits = filter_logits(logits / _column(rows, lambda p: p.temperature, logits.device), rows)
+    sum of its probabilities. An exponential race (one random number per vocabulary entry, what
+    ``torch.multinomial`` does too) costs ~27 ms a step at 32 rows x 49k tokens on 2 cores
+    (``benchmarks/cpu_kernels.py sample``). The running sum is fp32 (an fp64 one cost 5.6 ms of the step): its
+    rounding moves probability of ~1e-7 between neighbouring tokens. Token ids [n] int64; a token of probability 0
+    is never drawn (its running sum does not grow)."""
+    if any(r.params.temperature != 1.0 for r in rows):
+        logits = logits / _column(rows, lambda p: p.temperature, logits.device)
+    logits = filter_logits(logits, rows)
     probs = torch.softmax(logits, dim=-1)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [n, V]
-    u = torch.rand(len(rows), 1, dtype=torch.float64, device=probs.device)
+    cdf = probs.cumsum(dim=-1)  # [n, V]
+    u = torch.rand(len(rows), 1, device=probs.device)
     for i, r in enumerate(rows):  # seeded requests draw from their own stream (vLLM does the same)
         if r.state.generator is not None:
             g = r.state.generator
-            u[i] = torch.rand(1, generator=g, dtype=torch.float64, device=g.device).to(probs.device)
-    # the first token whose running sum passes u·total: right=True skips tokens of probability 0
-    token = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)
-    return token.clamp_(max=probs.shape[-1] - 1)
+            u[i] = torch.rand(1, generator=g, device=g.device).to(probs.device)
+    # the first token whose running sum passes u·total (right=True skips tokens of probability 0); u·total is kept
+    # strictly below the total, which fp32 rounding could otherwise reach
+    total = cdf[:, -1:]
+    target = torch.minimum(u.mul_(total), torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 @torch.inference_mode()
@@ -144,10 +150,13 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
     penalised = [i for i, p in enumerate(params) if p.needs_penalties]
     if penalised:
         logits[penalised] = apply_penalties(logits[penalised], [rows[i] for i in penalised])
-    tokens = logits.argmax(dim=-1)  # greedy rows (and a placeholder for the others)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
-    if drawn:
-        tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
+    if len(drawn) == len(rows):  # no greedy row: no argmax, no copy of the rows
+        tokens = _draw(logits, rows)
+    else:
+        tokens = logits.argmax(dim=-1)  # greedy rows (and a placeholder for the others)
+        if drawn:
+            tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
     token_ids = tokens.tolist()
     out = [Sampled(t) for t in token_ids]
     if raw_logprobs is not None:
